@@ -1,0 +1,147 @@
+//! Collectors: plugins that sample something and hand readings to the spool.
+//!
+//! Each collector kind lives in its own file and implements [`Collector`]. Its only dependency
+//! is its [`CollectorContext`]: its name (which becomes the stream name), a sender into the
+//! spool, a shutdown token. The closed set of kinds is the [`collector_kinds!`] list below:
+//! adding a collector is its own file plus one line there.
+//!
+//! Invariants:
+//! - A collector never retries on its own. When `run` returns an error, the [`supervisor`]
+//!   restarts it with backoff and counts the restart.
+//! - The channel into the spool is bounded; a collector that outpaces the disk waits on
+//!   `send` (back-pressure) instead of growing memory.
+//! - A collector stops promptly when the shutdown token is cancelled, after handing over what
+//!   it already sampled.
+
+pub mod supervisor;
+pub mod system;
+
+use crate::config::Issue;
+use crate::spool::Intake;
+use std::future::Future;
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why a collector run ended early; the supervisor logs it and restarts the collector.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("{0}")]
+    Source(String),
+    #[error("the spool is no longer accepting readings")]
+    SpoolClosed,
+}
+
+pub type RunFuture = Pin<Box<dyn Future<Output = Result<(), CollectorError>> + Send>>;
+
+/// One running instance of a collector kind.
+pub trait Collector: Send {
+    /// Samples until `ctx.shutdown` is cancelled (then returns `Ok`) or the source fails.
+    fn run(self: Box<Self>, ctx: CollectorContext) -> RunFuture;
+}
+
+/// Everything a collector may use.
+#[derive(Clone)]
+pub struct CollectorContext {
+    pub name: String,
+    pub intake: mpsc::Sender<Intake>,
+    pub shutdown: CancellationToken,
+}
+
+impl CollectorContext {
+    /// A context whose intake is returned to the test, with a fresh shutdown token.
+    pub fn new_test(name: &str) -> (CollectorContext, mpsc::Receiver<Intake>) {
+        let (tx, rx) = mpsc::channel(64);
+        let ctx = CollectorContext {
+            name: name.to_string(),
+            intake: tx,
+            shutdown: CancellationToken::new(),
+        };
+        (ctx, rx)
+    }
+
+    /// Hands one intake to the spool, waiting while the channel is full. Returns
+    /// `SpoolClosed` if the spool writer is gone.
+    pub async fn send(&self, intake: Intake) -> Result<(), CollectorError> {
+        self.intake
+            .send(intake)
+            .await
+            .map_err(|_| CollectorError::SpoolClosed)
+    }
+}
+
+/// What every collector config has, whatever its kind.
+pub trait CollectorSpec {
+    fn name(&self) -> &str;
+    fn enabled(&self) -> bool;
+    /// Checks beyond types (ranges, paths); paths in issues are relative to the item.
+    fn validate(&self) -> Vec<Issue>;
+    fn build(&self) -> Box<dyn Collector>;
+}
+
+macro_rules! collector_kinds {
+    ($($kind:literal => $variant:ident($config:ty),)+) => {
+        /// The closed set of collector kinds, selected by the `type` key of an item.
+        #[derive(Debug, Clone)]
+        pub enum CollectorConfig {
+            $($variant($config),)+
+        }
+
+        impl CollectorConfig {
+            fn spec(&self) -> &dyn CollectorSpec {
+                match self {
+                    $(CollectorConfig::$variant(c) => c,)+
+                }
+            }
+
+            /// Parses one `collectors:` item. The `type` key picks the kind; the rest must be
+            /// that kind's keys. Issue paths are relative to the item.
+            pub fn from_yaml(item: serde_yaml::Value) -> Result<CollectorConfig, Vec<Issue>> {
+                const KINDS: &[&str] = &[$($kind),+];
+                let serde_yaml::Value::Mapping(mut map) = item else {
+                    return Err(vec![Issue::new("", "a collector must be a mapping with a `type` key")]);
+                };
+                let kind = match map.remove("type") {
+                    Some(serde_yaml::Value::String(s)) => s,
+                    Some(_) => return Err(vec![Issue::new("type", format!("must be a string, one of {}", KINDS.join(", ")))]),
+                    None => return Err(vec![Issue::new("type", format!("missing; expected one of {}", KINDS.join(", ")))]),
+                };
+                let value = serde_yaml::Value::Mapping(map);
+                match kind.as_str() {
+                    $($kind => parse_item(value).map(CollectorConfig::$variant),)+
+                    other => Err(vec![Issue::new("type", format!("unknown collector type {other:?}; expected one of {}", KINDS.join(", ")))]),
+                }
+            }
+        }
+    };
+}
+
+collector_kinds! {
+    "system" => System(system::SystemConfig),
+}
+
+impl CollectorConfig {
+    pub fn name(&self) -> &str {
+        self.spec().name()
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.spec().enabled()
+    }
+
+    pub fn validate(&self) -> Vec<Issue> {
+        self.spec().validate()
+    }
+
+    pub fn build(&self) -> Box<dyn Collector> {
+        self.spec().build()
+    }
+}
+
+fn parse_item<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, Vec<Issue>> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        vec![Issue::new(path, e.into_inner().to_string())]
+    })
+}

@@ -1,0 +1,176 @@
+//! Configuration: one YAML file, parsed, then validated into a frozen runtime form.
+//!
+//! - [`raw`] is what the file says (serde structs, unknown keys rejected).
+//! - [`load`] is the one function that knows the file is YAML (serde_yaml behind it, so the
+//!   crate can be swapped in one place). It reports *every* problem it can find: a syntax or
+//!   type error stops parsing at that point, but validation after a successful parse lists all
+//!   issues, each with its key path and line/column.
+//! - [`Config`] is the validated form the rest of the agent uses. Relative paths in the file are
+//!   taken relative to the directory holding the file.
+
+pub mod locate;
+pub mod raw;
+mod settings;
+
+pub use raw::FullPolicy;
+pub use settings::{
+    AuthSettings, BackoffSettings, BatchLimits, Config, SpoolSettings, TlsSettings, UplinkSettings,
+};
+
+use locate::{Locator, Position};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Exit code for a configuration error (sysexits EX_CONFIG); systemd's
+/// `RestartPreventExitStatus=78` keeps a bad config from crash-looping.
+pub const EXIT_CONFIG: i32 = 78;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    /// Key path such as `uplink.tls.ca_file` or `collectors[0].interval_ms`; empty for the
+    /// document as a whole.
+    pub path: String,
+    pub message: String,
+    pub position: Option<Position>,
+}
+
+impl Issue {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Issue {
+        Issue {
+            path: path.into(),
+            message: message.into(),
+            position: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(file, issues))]
+    Invalid { file: PathBuf, issues: Vec<Issue> },
+}
+
+impl ConfigError {
+    /// The issues found, one per line as `validate` prints them.
+    pub fn issues(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { .. } => vec![self.to_string()],
+            ConfigError::Invalid { file, issues } => {
+                issues.iter().map(|i| render_issue(file, i)).collect()
+            }
+        }
+    }
+}
+
+fn render_issue(file: &Path, issue: &Issue) -> String {
+    let mut s = file.display().to_string();
+    if let Some(p) = issue.position {
+        s.push_str(&format!(":{}:{}", p.line, p.column));
+    }
+    s.push_str(": ");
+    if !issue.path.is_empty() {
+        s.push_str(&issue.path);
+        s.push_str(": ");
+    }
+    s.push_str(&issue.message);
+    s
+}
+
+fn render_issues(file: &Path, issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(|i| render_issue(file, i))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Reads, parses and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `path` names the file in messages and anchors relative
+/// paths.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let invalid = |issues: Vec<Issue>| ConfigError::Invalid {
+        file: path.to_path_buf(),
+        issues,
+    };
+    let locator = Locator::new(text);
+    let place = |mut issue: Issue| {
+        if issue.position.is_none() {
+            issue.position = locator.find(&issue.path);
+        }
+        issue
+    };
+    if text.trim().is_empty()
+        || text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Err(invalid(vec![Issue::new(
+            "",
+            "the config file is empty; see config/ferry.yaml for a complete example",
+        )]));
+    }
+    if let Some((n, line)) = text.lines().enumerate().find(|(_, l)| {
+        let indent: String = l.chars().take_while(|c| c.is_whitespace()).collect();
+        indent.contains('\t')
+    }) {
+        let column = line.find('\t').unwrap_or(0) + 1;
+        return Err(invalid(vec![Issue {
+            path: String::new(),
+            message: "a tab is used for indentation; YAML allows only spaces".into(),
+            position: Some(Position {
+                line: n + 1,
+                column,
+            }),
+        }]));
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let position = inner.location().map(|l| Position {
+            line: l.line(),
+            column: l.column(),
+        });
+        let message = strip_location(&inner.to_string());
+        let path = if path == "." { String::new() } else { path };
+        invalid(vec![place(Issue {
+            path,
+            message,
+            position,
+        })])
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    settings::validate(raw, &base, path)
+        .map_err(|issues| invalid(issues.into_iter().map(place).collect()))
+}
+
+/// serde_yaml appends " at line L column C"; the position is printed separately.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(" column ") => msg[..i].to_string(),
+        _ => msg.to_string(),
+    }
+}

@@ -1,0 +1,193 @@
+//! What the YAML file says, before validation. Every struct rejects unknown keys, so a typo
+//! such as `tsl:` is an error instead of a silent default. Units are in the key names.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Device id used in topics; the host name when missing or empty.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// Log level when `RUST_LOG` is not set: error, warn, info, debug or trace.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    pub spool: RawSpool,
+    pub uplink: RawUplink,
+    /// Each item is a collector; parsed by `collectors::CollectorConfig::from_yaml` so that
+    /// errors inside an item keep their full key path.
+    pub collectors: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpool {
+    pub dir: String,
+    #[serde(default = "defaults::max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default)]
+    pub full_policy: FullPolicy,
+    #[serde(default = "defaults::flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "defaults::flush_max_records")]
+    pub flush_max_records: u64,
+    #[serde(default = "defaults::cache_bytes")]
+    pub cache_bytes: u64,
+}
+
+/// What the spool does when a commit would take it past `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Evict the oldest records (of any stream but `ferry.loss`) to make room.
+    #[default]
+    DropOldest,
+    /// Keep what is stored; the new records are dropped (their seqs are still used up).
+    DropNewest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUplink {
+    pub host: String,
+    #[serde(default = "defaults::port")]
+    pub port: u16,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default = "defaults::topic_prefix")]
+    pub topic_prefix: String,
+    #[serde(default = "defaults::keepalive_s")]
+    pub keepalive_s: u64,
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "defaults::max_packet_bytes")]
+    pub max_packet_bytes: u64,
+    #[serde(default = "defaults::window")]
+    pub window: u64,
+    #[serde(default)]
+    pub batch: RawBatch,
+    #[serde(default)]
+    pub backoff: RawBackoff,
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    #[serde(default = "defaults::batch_max_records")]
+    pub max_records: u64,
+    #[serde(default = "defaults::batch_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "defaults::linger_ms")]
+    pub linger_ms: u64,
+}
+
+impl Default for RawBatch {
+    fn default() -> Self {
+        RawBatch {
+            max_records: defaults::batch_max_records(),
+            max_bytes: defaults::batch_max_bytes(),
+            linger_ms: defaults::linger_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    #[serde(default = "defaults::backoff_initial_ms")]
+    pub initial_ms: u64,
+    #[serde(default = "defaults::backoff_max_ms")]
+    pub max_ms: u64,
+    #[serde(default = "defaults::backoff_reset_after_ms")]
+    pub reset_after_ms: u64,
+}
+
+impl Default for RawBackoff {
+    fn default() -> Self {
+        RawBackoff {
+            initial_ms: defaults::backoff_initial_ms(),
+            max_ms: defaults::backoff_max_ms(),
+            reset_after_ms: defaults::backoff_reset_after_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_file: String,
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub username: String,
+    /// File holding the password (trailing newline ignored); keep it 0640 root:ferry.
+    #[serde(default)]
+    pub password_file: Option<String>,
+}
+
+/// Defaults, in one place so docs and code agree.
+pub mod defaults {
+    pub fn max_bytes() -> u64 {
+        256 << 20
+    }
+    pub fn flush_interval_ms() -> u64 {
+        200
+    }
+    pub fn flush_max_records() -> u64 {
+        1000
+    }
+    pub fn cache_bytes() -> u64 {
+        4 << 20
+    }
+    pub fn port() -> u16 {
+        1883
+    }
+    pub fn topic_prefix() -> String {
+        "ferry".into()
+    }
+    pub fn keepalive_s() -> u64 {
+        60
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn max_packet_bytes() -> u64 {
+        256 << 10
+    }
+    pub fn window() -> u64 {
+        4
+    }
+    pub fn batch_max_records() -> u64 {
+        500
+    }
+    pub fn batch_max_bytes() -> u64 {
+        64 << 10
+    }
+    pub fn linger_ms() -> u64 {
+        5_000
+    }
+    pub fn backoff_initial_ms() -> u64 {
+        1_000
+    }
+    pub fn backoff_max_ms() -> u64 {
+        300_000
+    }
+    pub fn backoff_reset_after_ms() -> u64 {
+        60_000
+    }
+    pub fn shutdown_grace_ms() -> u64 {
+        5_000
+    }
+}

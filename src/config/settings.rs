@@ -1,0 +1,410 @@
+//! The validated, frozen configuration and the checks that produce it.
+
+use super::Issue;
+use super::raw::{FullPolicy, RawConfig, RawUplink};
+use crate::collectors::CollectorConfig;
+use crate::record::is_valid_stream_name;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole agent configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    pub device_id: String,
+    pub log_level: Option<String>,
+    pub spool: SpoolSettings,
+    pub uplink: UplinkSettings,
+    pub collectors: Vec<CollectorConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub full_policy: FullPolicy,
+    pub flush_interval: Duration,
+    pub flush_max_records: usize,
+    pub cache_bytes: u64,
+    /// Most records packed into one stored chunk (= the uplink's batch record limit, so a
+    /// chunk always fits in one message).
+    pub chunk_max_records: usize,
+    /// Most encoded bytes in one stored chunk. A chunk is the unit of acknowledgement, so it is
+    /// kept to a fraction of the batch byte limit: even when JSON inflates it, one chunk fits
+    /// in one message.
+    pub chunk_max_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UplinkSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub device_id: String,
+    /// Zero disables keepalive pings.
+    pub keepalive: Duration,
+    pub connect_timeout: Duration,
+    pub max_packet_bytes: usize,
+    /// Batches in flight at once (published, PUBACK not yet seen).
+    pub window: usize,
+    pub batch: BatchLimits,
+    pub backoff: BackoffSettings,
+    pub shutdown_grace: Duration,
+    pub tls: Option<TlsSettings>,
+    pub auth: Option<AuthSettings>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// How long a batch that is not full waits for more records before it is sent.
+    pub linger: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BackoffSettings {
+    pub initial: Duration,
+    pub max: Duration,
+    /// A connection that stayed up this long resets the backoff to `initial`.
+    pub reset_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub ca_file: PathBuf,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub username: String,
+    pub password_file: Option<PathBuf>,
+}
+
+/// Ratio between the batch byte limit and the stored chunk byte limit; see
+/// [`SpoolSettings::chunk_max_bytes`].
+const CHUNK_FRACTION: u64 = 8;
+/// Room for the MQTT fixed header and topic beyond a batch's payload.
+const PACKET_OVERHEAD_BYTES: u64 = 1024;
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+struct Checker {
+    issues: Vec<Issue>,
+}
+
+impl Checker {
+    fn fail(&mut self, path: &str, message: impl Into<String>) {
+        self.issues.push(Issue::new(path, message));
+    }
+
+    fn range(&mut self, path: &str, value: u64, min: u64, max: u64) -> u64 {
+        if value < min || value > max {
+            self.fail(
+                path,
+                format!("must be between {min} and {max}, got {value}"),
+            );
+        }
+        value.clamp(min, max)
+    }
+
+    fn readable(&mut self, path: &str, file: &Path) {
+        if let Err(e) = std::fs::File::open(file) {
+            self.fail(path, format!("cannot read {}: {e}", file.display()));
+        }
+    }
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Config, Vec<Issue>> {
+    let mut c = Checker { issues: Vec::new() };
+
+    let device_id = match raw.device_id.filter(|d| !d.is_empty()) {
+        Some(d) => d,
+        None => host_name(),
+    };
+    if !is_valid_stream_name(&device_id) {
+        c.fail(
+            "device_id",
+            format!("{device_id:?} is not usable in an MQTT topic: use 1-64 characters of A-Z a-z 0-9 _ . -"),
+        );
+    }
+    if let Some(level) = &raw.log_level
+        && !LOG_LEVELS.contains(&level.as_str())
+    {
+        c.fail(
+            "log_level",
+            format!(
+                "unknown level {level:?}; expected one of {}",
+                LOG_LEVELS.join(", ")
+            ),
+        );
+    }
+
+    let s = &raw.spool;
+    if s.dir.trim().is_empty() {
+        c.fail("spool.dir", "must name a directory");
+    }
+    let max_bytes = c.range("spool.max_bytes", s.max_bytes, 64 << 10, 1 << 40);
+    let flush_ms = c.range("spool.flush_interval_ms", s.flush_interval_ms, 1, 60_000);
+    let flush_max = c.range("spool.flush_max_records", s.flush_max_records, 1, 100_000);
+    let cache = c.range("spool.cache_bytes", s.cache_bytes, 256 << 10, 1 << 30);
+
+    let uplink = validate_uplink(&mut c, &raw.uplink, base, &device_id);
+    let spool = SpoolSettings {
+        dir: resolve(base, &s.dir),
+        max_bytes,
+        full_policy: s.full_policy,
+        flush_interval: Duration::from_millis(flush_ms),
+        flush_max_records: flush_max as usize,
+        cache_bytes: cache,
+        chunk_max_records: uplink.batch.max_records,
+        chunk_max_bytes: (uplink.batch.max_bytes as u64 / CHUNK_FRACTION).max(512) as usize,
+    };
+
+    let mut collectors = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (i, item) in raw.collectors.into_iter().enumerate() {
+        let prefix = format!("collectors[{i}]");
+        match CollectorConfig::from_yaml(item) {
+            Ok(cfg) => {
+                for issue in cfg.validate() {
+                    c.issues
+                        .push(Issue::new(join(&prefix, &issue.path), issue.message));
+                }
+                let name = cfg.name().to_string();
+                if !is_valid_stream_name(&name) || name.starts_with("ferry.") || name == "commands"
+                {
+                    c.fail(
+                        &format!("{prefix}.name"),
+                        format!("{name:?} is not a usable stream name: use 1-64 characters of A-Z a-z 0-9 _ . -, not starting with \"ferry.\" and not \"commands\""),
+                    );
+                } else if !names.insert(name.clone()) {
+                    c.fail(&format!("{prefix}.name"), format!("duplicate collector name {name:?}; names become stream names and must be unique"));
+                }
+                collectors.push(cfg);
+            }
+            Err(issues) => {
+                for issue in issues {
+                    c.issues
+                        .push(Issue::new(join(&prefix, &issue.path), issue.message));
+                }
+            }
+        }
+    }
+
+    if !c.issues.is_empty() {
+        return Err(c.issues);
+    }
+    Ok(Config {
+        source: source.to_path_buf(),
+        device_id,
+        log_level: raw.log_level,
+        spool,
+        uplink,
+        collectors,
+    })
+}
+
+fn join(prefix: &str, path: &str) -> String {
+    if path.is_empty() {
+        prefix.to_string()
+    } else if path.starts_with('[') {
+        format!("{prefix}{path}")
+    } else {
+        format!("{prefix}.{path}")
+    }
+}
+
+fn validate_uplink(c: &mut Checker, u: &RawUplink, base: &Path, device_id: &str) -> UplinkSettings {
+    if u.host.trim().is_empty() {
+        c.fail("uplink.host", "must name the broker host");
+    }
+    if u.port == 0 {
+        c.fail("uplink.port", "must be between 1 and 65535, got 0");
+    }
+    let client_id = u
+        .client_id
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("ferry-{device_id}"));
+    if client_id.len() > 128 {
+        c.fail("uplink.client_id", "must be at most 128 characters");
+    }
+    if u.topic_prefix.is_empty()
+        || u.topic_prefix.contains(['+', '#'])
+        || u.topic_prefix.starts_with('/')
+        || u.topic_prefix.ends_with('/')
+    {
+        c.fail(
+            "uplink.topic_prefix",
+            format!(
+                "{:?} is not a usable topic prefix: non-empty, no + or #, no leading or trailing /",
+                u.topic_prefix
+            ),
+        );
+    }
+    let keepalive = if u.keepalive_s == 0 {
+        0
+    } else {
+        c.range("uplink.keepalive_s", u.keepalive_s, 1, 65_535)
+    };
+    let connect = c.range(
+        "uplink.connect_timeout_ms",
+        u.connect_timeout_ms,
+        100,
+        600_000,
+    );
+    let max_packet = c.range(
+        "uplink.max_packet_bytes",
+        u.max_packet_bytes,
+        4096,
+        256 << 20,
+    );
+    let window = c.range("uplink.window", u.window, 1, 64);
+    let max_records = c.range("uplink.batch.max_records", u.batch.max_records, 1, 100_000);
+    let batch_bytes = c.range("uplink.batch.max_bytes", u.batch.max_bytes, 1024, 128 << 20);
+    if batch_bytes + PACKET_OVERHEAD_BYTES > max_packet {
+        c.fail(
+            "uplink.batch.max_bytes",
+            format!("{batch_bytes} does not fit in uplink.max_packet_bytes ({max_packet}) with {PACKET_OVERHEAD_BYTES} bytes of room for the topic and header"),
+        );
+    }
+    let linger = c.range("uplink.batch.linger_ms", u.batch.linger_ms, 0, 3_600_000);
+    let b = &u.backoff;
+    let initial = c.range("uplink.backoff.initial_ms", b.initial_ms, 1, 3_600_000);
+    let max = c.range("uplink.backoff.max_ms", b.max_ms, 1, 86_400_000);
+    if initial > max {
+        c.fail(
+            "uplink.backoff.max_ms",
+            format!("must be at least backoff.initial_ms ({initial}), got {max}"),
+        );
+    }
+    let reset = c.range(
+        "uplink.backoff.reset_after_ms",
+        b.reset_after_ms,
+        0,
+        86_400_000,
+    );
+    let grace = c.range("uplink.shutdown_grace_ms", u.shutdown_grace_ms, 0, 600_000);
+
+    let tls = u.tls.as_ref().map(|t| {
+        let ca = resolve(base, &t.ca_file);
+        match std::fs::read(&ca) {
+            Ok(pem) => {
+                if let Err(e) = crate::uplink::tls::parse_ca(&pem) {
+                    c.fail("uplink.tls.ca_file", format!("{}: {e}", ca.display()));
+                }
+            }
+            Err(e) => c.fail(
+                "uplink.tls.ca_file",
+                format!("cannot read {}: {e}", ca.display()),
+            ),
+        }
+        let client_cert = match (&t.cert_file, &t.key_file) {
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (resolve(base, cert), resolve(base, key));
+                c.readable("uplink.tls.cert_file", &cert);
+                c.readable("uplink.tls.key_file", &key);
+                if let (Ok(cp), Ok(kp)) = (std::fs::read(&cert), std::fs::read(&key))
+                    && let Err(e) = crate::uplink::tls::parse_client_identity(&cp, &kp)
+                {
+                    c.fail("uplink.tls.cert_file", e.to_string());
+                }
+                Some((cert, key))
+            }
+            (Some(_), None) => {
+                c.fail(
+                    "uplink.tls.key_file",
+                    "is required when cert_file is set (mutual TLS needs both)",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                c.fail(
+                    "uplink.tls.cert_file",
+                    "is required when key_file is set (mutual TLS needs both)",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        TlsSettings {
+            ca_file: ca,
+            client_cert,
+        }
+    });
+    let auth = u.auth.as_ref().map(|a| {
+        if a.username.is_empty() {
+            c.fail("uplink.auth.username", "must not be empty");
+        }
+        let password_file = a.password_file.as_ref().map(|p| resolve(base, p));
+        if let Some(p) = &password_file {
+            c.readable("uplink.auth.password_file", p);
+        }
+        AuthSettings {
+            username: a.username.clone(),
+            password_file,
+        }
+    });
+
+    UplinkSettings {
+        host: u.host.clone(),
+        port: u.port,
+        client_id,
+        topic_prefix: u.topic_prefix.clone(),
+        device_id: device_id.to_string(),
+        keepalive: Duration::from_secs(keepalive),
+        connect_timeout: Duration::from_millis(connect),
+        max_packet_bytes: max_packet as usize,
+        window: window as usize,
+        batch: BatchLimits {
+            max_records: max_records as usize,
+            max_bytes: batch_bytes as usize,
+            linger: Duration::from_millis(linger),
+        },
+        backoff: BackoffSettings {
+            initial: Duration::from_millis(initial),
+            max: Duration::from_millis(max),
+            reset_after: Duration::from_millis(reset),
+        },
+        shutdown_grace: Duration::from_millis(grace),
+        tls,
+        auth,
+    }
+}
+
+/// The host name, reduced to characters usable in a topic; "ferry" if it cannot be read.
+fn host_name() -> String {
+    let name = sysinfo::System::host_name()
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let clean: String = name
+        .trim()
+        .chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-') {
+                ch
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "ferry".into()
+    } else {
+        clean
+    }
+}

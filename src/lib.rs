@@ -1,0 +1,31 @@
+//! ferry: an edge telemetry agent that never loses a reading.
+//!
+//! # Layout
+//!
+//! The folders follow the data:
+//!
+//! - [`collectors`]: sample the host (and later serial lines and files) and hand
+//!   [`record::Reading`]s to the spool through a bounded channel.
+//! - [`spool`]: the disk-backed queue on sled. A reading becomes a record with a per-stream
+//!   `seq` when its group is committed and flushed; only then is it "accepted".
+//! - [`uplink`]: drains the spool to an MQTT broker at QoS 1 and deletes a record only after the
+//!   broker's PUBACK for the message that carried it.
+//!
+//! Beside them:
+//!
+//! - [`config`]: the YAML file, parsed and validated into a frozen runtime form.
+//! - [`lifecycle`]: start-up order, signals, logging, systemd notification and shutdown phases.
+//! - [`record`]: the record model shared by every part.
+//!
+//! `docs/ARCHITECTURE.md` describes how the parts fit and which contracts they keep.
+
+pub mod backoff;
+pub mod collectors;
+pub mod config;
+pub mod lifecycle;
+pub mod record;
+pub mod spool;
+pub mod uplink;
+
+/// The agent's version, as published in the online status and `ferry --version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,76 @@
+//! The record model: what a collector produces, what the spool stores, what the uplink sends.
+//!
+//! A collector produces a [`Reading`]: a stream name, a sample time and a [`Body`]. The spool
+//! turns it into a [`Record`] by assigning the stream's next `seq` when the reading's group is
+//! committed. `seq` is strictly increasing per stream, persisted, and never reused (also across
+//! restarts and evictions), so a consumer can tell a gap (lost or evicted) from a duplicate
+//! (same stream and seq) without any help from the broker.
+
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Stream on which the spool reports every record it had to drop, with the reason.
+pub const LOSS_STREAM: &str = "ferry.loss";
+
+/// One named value of a reading. Numbers stay numbers on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+}
+
+/// What a reading says: named fields, or one raw line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Body {
+    Fields(Vec<(String, Value)>),
+    Line(String),
+}
+
+/// A sample handed from a collector to the spool; it has no `seq` until it is committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub stream: String,
+    /// Sample time, ms since the Unix epoch.
+    pub ts_ms: u64,
+    pub body: Body,
+}
+
+/// A committed reading: the stream is known from where it is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub body: Body,
+}
+
+impl Reading {
+    /// A reading of named fields stamped now.
+    pub fn fields(stream: impl Into<String>, fields: Vec<(String, Value)>) -> Reading {
+        Reading {
+            stream: stream.into(),
+            ts_ms: now_ms(),
+            body: Body::Fields(fields),
+        }
+    }
+}
+
+/// Wall-clock time in ms since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether `name` is usable as a stream name and MQTT topic level: 1-64 characters of
+/// `[A-Za-z0-9_.-]`.
+pub fn is_valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}

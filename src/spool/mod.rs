@@ -1,0 +1,91 @@
+//! The spool: a disk-backed queue on sled, the only source of truth for what is still to be
+//! delivered.
+//!
+//! # Contract
+//!
+//! **Format.** One sled tree. Records are packed into *chunks*: consecutive records of one
+//! stream, stored as one value under `c | stream_id (u32 BE) | chunk_id (u64 BE)`. Chunk ids
+//! are global and increase with every commit, so per-stream key order is FIFO order and the
+//! smallest head chunk id across streams is the oldest data. Per-stream metadata (name, next
+//! seq, record/byte/chunk counts, evictions) lives under `s | stream_id`, the global counters
+//! under `g`, and source positions (a file collector's inode and offset) under `p | source`,
+//! all in the same tree so one batch updates records and counters atomically. See
+//! [`keys`] and [`chunk`].
+//!
+//! **Write.** Collectors send [`Intake`]s into a bounded channel; one [`writer`] task drains it
+//! and commits a group every `flush_interval_ms` or `flush_max_records`, whichever comes
+//! first: one sled batch (chunks, metadata, positions), then a flush. Each record's `seq` is
+//! assigned at commit from its stream's persisted counter; seqs are never reused, also across
+//! restarts and evictions. A record is **accepted** only once that flush returned: from then
+//! on it survives SIGKILL and power loss, and it leaves the spool only by ack or by counted
+//! eviction.
+//!
+//! **Read.** [`Spool::next_batch`] hands out the oldest accepted chunks of one stream after a
+//! per-stream cursor that the uplink keeps per connection epoch. Chunks written but not yet
+//! flushed are never handed out: a record is never sent before it is durable, so a crash can
+//! never make a delivered seq be reused for other data.
+//!
+//! **Ack.** [`Spool::ack`] deletes chunks once the broker's PUBACK for the message carrying
+//! them arrived. Deletion is lazy (not flushed): if a crash loses it, the chunk is sent again
+//! (a duplicate, never a loss).
+//!
+//! **Full.** The spool is bounded by `max_bytes` of stored keys and values. With
+//! `drop_oldest` (default) a commit that would pass the cap first evicts the oldest chunks of
+//! any stream but `ferry.loss`; with `drop_newest` the new records that do not fit are not
+//! stored (their seqs are used up). Either way every dropped seq range is counted in the
+//! stream's persisted metadata and reported, in the same commit, as a record on the
+//! `ferry.loss` stream: `{stream, first_seq, last_seq, count, reason}`. Loss records are not
+//! themselves evicted, which is the "small slack" above the cap. sled's files take about twice
+//! the stored bytes on disk and do not shrink (see docs/ARCHITECTURE.md).
+
+pub mod chunk;
+pub mod keys;
+mod store;
+pub mod writer;
+
+pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamStats};
+
+use crate::record::Reading;
+
+/// What a collector hands to the spool in one send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Intake {
+    pub readings: Vec<Reading>,
+    /// A source position committed in the same batch as `readings`.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A re-readable source's position (e.g. inode and byte offset), stored atomically with the
+/// records read up to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub source: String,
+    pub position: Vec<u8>,
+}
+
+impl Intake {
+    pub fn reading(reading: Reading) -> Intake {
+        Intake {
+            readings: vec![reading],
+            checkpoint: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot create spool directory {dir}: {source}")]
+    CreateDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open spool at {dir}: {source}")]
+    Open {
+        dir: std::path::PathBuf,
+        source: sled::Error,
+    },
+    #[error("spool storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("spool data is corrupt: {0}")]
+    Corrupt(String),
+}

@@ -1,0 +1,718 @@
+//! The sled-backed spool itself. All methods are synchronous and may block on disk: call them
+//! from a blocking thread (`spawn_blocking`), never directly on an async worker.
+//!
+//! Every mutation (commit, ack) runs under one mutex, so the in-memory counters always equal
+//! the persisted ones and a batch never races another for the same keys. Flushes run outside
+//! the mutex; [`Inner::readable_below`] then advances so readers see only flushed chunks.
+
+use super::chunk::{self, Header};
+use super::keys;
+use super::{Checkpoint, Intake, SpoolError};
+use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
+use crate::record::{Body, LOSS_STREAM, Reading, Record, Value, now_ms};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing::error;
+
+/// Persisted per-stream counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StreamMeta {
+    name: String,
+    next_seq: u64,
+    records: u64,
+    bytes: u64,
+    chunks: u64,
+    evicted: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct GlobalMeta {
+    next_chunk_id: u64,
+    next_stream_id: u32,
+}
+
+struct State {
+    ids: HashMap<String, u32>,
+    metas: BTreeMap<u32, StreamMeta>,
+    global: GlobalMeta,
+    /// Readings that could not be committed (storage error), per stream; reported on the loss
+    /// stream by the next commit that succeeds.
+    unreported_failures: BTreeMap<String, u64>,
+}
+
+impl State {
+    fn total_bytes(&self) -> u64 {
+        self.metas.values().map(|m| m.bytes).sum()
+    }
+}
+
+struct Inner {
+    tree: sled::Tree,
+    db: sled::Db,
+    settings: SpoolSettings,
+    state: Mutex<State>,
+    /// Chunk ids below this are flushed and may be handed to the uplink.
+    readable_below: AtomicU64,
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Handle to the spool; cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+/// What one commit did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitSummary {
+    /// Records stored.
+    pub accepted: u64,
+    /// Old records evicted to make room (`drop_oldest`).
+    pub evicted: u64,
+    /// New records not stored for lack of room (`drop_newest`).
+    pub dropped: u64,
+}
+
+/// Decoded chunk handed to the uplink.
+#[derive(Debug, Clone)]
+pub struct ChunkData {
+    pub chunk_id: u64,
+    pub committed_ms: u64,
+    /// Encoded size in the spool, key included.
+    pub stored_bytes: usize,
+    pub records: Vec<Record>,
+}
+
+/// Consecutive chunks of one stream, oldest first.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub stream_id: u32,
+    pub stream: String,
+    pub chunks: Vec<ChunkData>,
+    /// True when a limit stopped the batch (more records of this stream are waiting).
+    pub full: bool,
+}
+
+impl Batch {
+    pub fn record_count(&self) -> usize {
+        self.chunks.iter().map(|c| c.records.len()).sum()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    pub name: String,
+    pub next_seq: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub evicted: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub streams: Vec<StreamStats>,
+}
+
+impl SpoolStats {
+    pub fn stream(&self, name: &str) -> Option<&StreamStats> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+}
+
+fn decode_meta<T: for<'a> Deserialize<'a>>(what: &str, v: &[u8]) -> Result<T, SpoolError> {
+    postcard::from_bytes(v).map_err(|e| SpoolError::Corrupt(format!("{what}: {e}")))
+}
+
+fn encode_meta<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encodes into a Vec")
+}
+
+/// A chunk about to be written in a commit.
+struct NewChunk {
+    stream_id: u32,
+    chunk_id: u64,
+    first_seq: u64,
+    count: u64,
+    value: Vec<u8>,
+}
+
+impl NewChunk {
+    fn bytes(&self) -> u64 {
+        (self.value.len() + 13) as u64
+    }
+}
+
+/// Seq ranges dropped in one commit, per (stream, reason), merged when contiguous.
+#[derive(Default)]
+struct Losses {
+    ranges: Vec<(String, &'static str, u64, u64)>,
+}
+
+impl Losses {
+    fn add(&mut self, stream: &str, reason: &'static str, first: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let last = first + count - 1;
+        if let Some(r) = self
+            .ranges
+            .iter_mut()
+            .find(|r| r.0 == stream && r.1 == reason && r.3 + 1 == first)
+        {
+            r.3 = last;
+            return;
+        }
+        self.ranges.push((stream.to_string(), reason, first, last));
+    }
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `settings.dir`.
+    pub fn open(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(&settings.dir).map_err(|source| SpoolError::CreateDir {
+            dir: settings.dir.clone(),
+            source,
+        })?;
+        let db = sled::Config::new()
+            .path(&settings.dir)
+            .cache_capacity(settings.cache_bytes)
+            // Commits flush explicitly; the background flush only makes lazy deletions durable.
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|source| SpoolError::Open {
+                dir: settings.dir.clone(),
+                source,
+            })?;
+        let tree = db.open_tree("spool")?;
+        let global: GlobalMeta = match tree.get(keys::GLOBAL)? {
+            Some(v) => decode_meta("global counters", &v)?,
+            None => GlobalMeta::default(),
+        };
+        let mut metas = BTreeMap::new();
+        let mut ids = HashMap::new();
+        for item in tree.scan_prefix([keys::STREAM]) {
+            let (k, v) = item?;
+            let id = u32::from_be_bytes(
+                k.get(1..5)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| SpoolError::Corrupt(format!("stream key {k:?}")))?,
+            );
+            let meta: StreamMeta = decode_meta("stream counters", &v)?;
+            ids.insert(meta.name.clone(), id);
+            metas.insert(id, meta);
+        }
+        let (committed, _) = tokio::sync::watch::channel(global.next_chunk_id);
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                readable_below: AtomicU64::new(global.next_chunk_id),
+                tree,
+                db,
+                settings: settings.clone(),
+                state: Mutex::new(State {
+                    ids,
+                    metas,
+                    global,
+                    unreported_failures: BTreeMap::new(),
+                }),
+                committed,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; the state is still consistent with
+        // the tree because it is only updated after a batch was applied.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watch that changes whenever newly flushed chunks become readable.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.committed.subscribe()
+    }
+
+    /// Commits a group of intakes: assigns seqs, packs chunks, applies the byte cap, writes one
+    /// batch and flushes it. When this returns `Ok`, every stored record is accepted.
+    pub fn commit(&self, group: &[Intake]) -> Result<CommitSummary, SpoolError> {
+        let settings = &self.inner.settings;
+        let mut state = self.lock();
+        let mut metas = state.metas.clone();
+        let mut ids = state.ids.clone();
+        let mut global = state.global;
+        let mut batch = sled::Batch::default();
+        let mut summary = CommitSummary::default();
+        let mut losses = Losses::default();
+
+        // Group readings by stream, keeping order within each stream.
+        let mut by_stream: Vec<(&str, Vec<&Reading>)> = Vec::new();
+        let mut checkpoints: Vec<&Checkpoint> = Vec::new();
+        for intake in group {
+            for r in &intake.readings {
+                match by_stream.iter_mut().find(|(s, _)| *s == r.stream) {
+                    Some((_, v)) => v.push(r),
+                    None => by_stream.push((&r.stream, vec![r])),
+                }
+            }
+            checkpoints.extend(intake.checkpoint.as_ref());
+        }
+
+        let committed_ms = now_ms();
+        let mut new_chunks: Vec<NewChunk> = Vec::new();
+        for (stream, readings) in &by_stream {
+            let stream: &str = stream;
+            let sid = stream_id(&mut ids, &mut metas, &mut global, stream);
+            let meta = metas.get_mut(&sid).expect("stream id was just ensured");
+            pack(
+                sid,
+                meta,
+                &mut global,
+                readings.iter().map(|r| (r.ts_ms, &r.body)),
+                committed_ms,
+                settings,
+                &mut new_chunks,
+            );
+        }
+
+        // Apply the cap.
+        let new_bytes: u64 = new_chunks.iter().map(NewChunk::bytes).sum();
+        let mut total = metas.values().map(|m| m.bytes).sum::<u64>();
+        if total + new_bytes > settings.max_bytes {
+            match settings.full_policy {
+                FullPolicy::DropOldest => {
+                    let loss_id = ids.get(LOSS_STREAM).copied();
+                    let mut evict_from: HashMap<u32, u64> = HashMap::new();
+                    while total + new_bytes > settings.max_bytes {
+                        let Some((sid, key, value)) =
+                            self.oldest_chunk(&metas, loss_id, &evict_from)?
+                        else {
+                            break;
+                        };
+                        let h = chunk::header(&value)?;
+                        let cid = keys::chunk_id(&key).expect("chunk key");
+                        evict_from.insert(sid, cid + 1);
+                        let bytes = (value.len() + key.len()) as u64;
+                        let meta = metas.get_mut(&sid).expect("evicted chunk has a stream");
+                        meta.records -= h.count as u64;
+                        meta.bytes -= bytes;
+                        meta.chunks -= 1;
+                        meta.evicted += h.count as u64;
+                        total -= bytes;
+                        summary.evicted += h.count as u64;
+                        losses.add(&meta.name, "evicted", h.first_seq, h.count as u64);
+                        batch.remove(key);
+                    }
+                    // Even an empty spool cannot hold this group: keep its newest part.
+                    let mut excess = (total + new_bytes).saturating_sub(settings.max_bytes);
+                    new_chunks.retain(|c| {
+                        if excess == 0 {
+                            return true;
+                        }
+                        excess = excess.saturating_sub(c.bytes());
+                        drop_new(&mut metas, c, &mut losses, "evicted", &mut summary.evicted);
+                        false
+                    });
+                }
+                FullPolicy::DropNewest => {
+                    let mut room = settings.max_bytes.saturating_sub(total);
+                    let mut full = false;
+                    new_chunks.retain(|c| {
+                        if !full && c.bytes() <= room {
+                            room -= c.bytes();
+                            return true;
+                        }
+                        full = true;
+                        drop_new(
+                            &mut metas,
+                            c,
+                            &mut losses,
+                            "spool_full",
+                            &mut summary.dropped,
+                        );
+                        false
+                    });
+                }
+            }
+        }
+
+        // Report what was dropped, in the same batch.
+        let mut loss_readings: Vec<(u64, Body)> = losses
+            .ranges
+            .iter()
+            .map(|(stream, reason, first, last)| {
+                (
+                    committed_ms,
+                    Body::Fields(vec![
+                        ("stream".into(), Value::Str(stream.clone())),
+                        ("first_seq".into(), Value::U64(*first)),
+                        ("last_seq".into(), Value::U64(*last)),
+                        ("count".into(), Value::U64(last - first + 1)),
+                        ("reason".into(), Value::Str((*reason).into())),
+                    ]),
+                )
+            })
+            .collect();
+        for (stream, count) in &state.unreported_failures {
+            loss_readings.push((
+                committed_ms,
+                Body::Fields(vec![
+                    ("stream".into(), Value::Str(stream.clone())),
+                    ("count".into(), Value::U64(*count)),
+                    ("reason".into(), Value::Str("spool_write_failed".into())),
+                ]),
+            ));
+        }
+        if !loss_readings.is_empty() {
+            let sid = stream_id(&mut ids, &mut metas, &mut global, LOSS_STREAM);
+            let meta = metas
+                .get_mut(&sid)
+                .expect("loss stream id was just ensured");
+            pack(
+                sid,
+                meta,
+                &mut global,
+                loss_readings.iter().map(|(ts, b)| (*ts, b)),
+                committed_ms,
+                settings,
+                &mut new_chunks,
+            );
+        }
+
+        for c in &new_chunks {
+            summary.accepted += c.count;
+            batch.insert(&keys::chunk(c.stream_id, c.chunk_id), c.value.as_slice());
+        }
+        if !loss_readings.is_empty() {
+            // The loss records themselves are not "accepted" readings of a collector.
+            summary.accepted -= loss_readings.len() as u64;
+        }
+        for (sid, meta) in &metas {
+            if state.metas.get(sid).is_none_or(|old| !same_meta(old, meta)) {
+                batch.insert(&keys::stream(*sid), encode_meta(meta));
+            }
+        }
+        batch.insert(keys::GLOBAL, encode_meta(&global));
+        for cp in &checkpoints {
+            batch.insert(keys::position(&cp.source), cp.position.as_slice());
+        }
+        self.inner.tree.apply_batch(batch)?;
+        state.metas = metas;
+        state.ids = ids;
+        state.global = global;
+        state.unreported_failures.clear();
+        let readable = global.next_chunk_id;
+        drop(state);
+
+        self.inner.tree.flush()?;
+        self.inner
+            .readable_below
+            .fetch_max(readable, Ordering::AcqRel);
+        self.inner.committed.send_replace(readable);
+        Ok(summary)
+    }
+
+    /// Remembers readings that could not be committed, to report them on the loss stream with
+    /// the next successful commit.
+    pub fn note_failed(&self, group: &[Intake]) {
+        let mut state = self.lock();
+        for r in group.iter().flat_map(|i| &i.readings) {
+            *state
+                .unreported_failures
+                .entry(r.stream.clone())
+                .or_default() += 1;
+        }
+    }
+
+    /// The oldest stored chunk of any stream but `skip`, after the per-stream `from` bounds.
+    #[allow(clippy::type_complexity)]
+    fn oldest_chunk(
+        &self,
+        metas: &BTreeMap<u32, StreamMeta>,
+        skip: Option<u32>,
+        from: &HashMap<u32, u64>,
+    ) -> Result<Option<(u32, sled::IVec, sled::IVec)>, SpoolError> {
+        let mut best: Option<(u32, sled::IVec, sled::IVec)> = None;
+        for (&sid, meta) in metas {
+            if Some(sid) == skip || meta.chunks == 0 {
+                continue;
+            }
+            let start = from.get(&sid).copied().unwrap_or(0);
+            let head = self
+                .inner
+                .tree
+                .range(keys::chunk(sid, start)..=keys::chunk(sid, u64::MAX))
+                .next()
+                .transpose()?;
+            if let Some((k, v)) = head {
+                let older = best
+                    .as_ref()
+                    .is_none_or(|(_, bk, _)| keys::chunk_id(&k) < keys::chunk_id(bk));
+                if older {
+                    best = Some((sid, k, v));
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// The oldest readable chunks of one stream after the per-stream `cursors` (the last chunk
+    /// id already handed out in this connection epoch). Picks the stream whose next chunk is
+    /// oldest, then adds that stream's following chunks while they fit `limits`.
+    pub fn next_batch(
+        &self,
+        cursors: &HashMap<u32, u64>,
+        limits: &BatchLimits,
+    ) -> Result<Option<Batch>, SpoolError> {
+        let readable = self.inner.readable_below.load(Ordering::Acquire);
+        if readable == 0 {
+            return Ok(None);
+        }
+        let streams: Vec<(u32, String)> = {
+            let state = self.lock();
+            state
+                .metas
+                .iter()
+                .filter(|(_, m)| m.chunks > 0)
+                .map(|(id, m)| (*id, m.name.clone()))
+                .collect()
+        };
+        let tree = &self.inner.tree;
+        let range = |sid: u32| {
+            let start = cursors.get(&sid).map_or(0, |c| c + 1);
+            tree.range(keys::chunk(sid, start)..keys::chunk(sid, readable))
+        };
+        let mut pick: Option<(u32, String, u64)> = None;
+        for (sid, name) in streams {
+            if let Some(item) = range(sid).next() {
+                let (k, _) = item?;
+                let cid = keys::chunk_id(&k).expect("chunk key");
+                if pick.as_ref().is_none_or(|p| cid < p.2) {
+                    pick = Some((sid, name, cid));
+                }
+            }
+        }
+        let Some((sid, stream, _)) = pick else {
+            return Ok(None);
+        };
+        let mut batch = Batch {
+            stream_id: sid,
+            stream,
+            chunks: Vec::new(),
+            full: false,
+        };
+        let (mut records, mut bytes) = (0usize, 0usize);
+        for item in range(sid) {
+            let (k, v) = item?;
+            let (h, recs) = chunk::decode(&v)?;
+            let size = k.len() + v.len();
+            if !batch.chunks.is_empty()
+                && (records + recs.len() > limits.max_records || bytes + size > limits.max_bytes)
+            {
+                batch.full = true;
+                break;
+            }
+            records += recs.len();
+            bytes += size;
+            batch.chunks.push(ChunkData {
+                chunk_id: keys::chunk_id(&k).expect("chunk key"),
+                committed_ms: h.committed_ms,
+                stored_bytes: size,
+                records: recs,
+            });
+            if records >= limits.max_records {
+                batch.full = true;
+                break;
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    /// Deletes acknowledged chunks. Chunks already gone (evicted meanwhile, or acked twice)
+    /// are skipped. Not flushed: a lost deletion only causes a resend.
+    pub fn ack(&self, stream_id: u32, chunk_ids: &[u64]) -> Result<u64, SpoolError> {
+        let mut state = self.lock();
+        let Some(mut meta) = state.metas.get(&stream_id).cloned() else {
+            return Ok(0);
+        };
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for &cid in chunk_ids {
+            let key = keys::chunk(stream_id, cid);
+            if let Some(v) = self.inner.tree.get(key)? {
+                let h: Header = chunk::header(&v)?;
+                meta.records -= h.count as u64;
+                meta.bytes -= (v.len() + key.len()) as u64;
+                meta.chunks -= 1;
+                removed += h.count as u64;
+                batch.remove(&key);
+            }
+        }
+        if removed == 0 {
+            return Ok(0);
+        }
+        batch.insert(&keys::stream(stream_id), encode_meta(&meta));
+        self.inner.tree.apply_batch(batch)?;
+        state.metas.insert(stream_id, meta);
+        Ok(removed)
+    }
+
+    /// The stored position of a re-readable source.
+    pub fn position(&self, source: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        Ok(self
+            .inner
+            .tree
+            .get(keys::position(source))?
+            .map(|v| v.to_vec()))
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        let state = self.lock();
+        let streams: Vec<StreamStats> = state
+            .metas
+            .values()
+            .map(|m| StreamStats {
+                name: m.name.clone(),
+                next_seq: m.next_seq,
+                records: m.records,
+                bytes: m.bytes,
+                chunks: m.chunks,
+                evicted: m.evicted,
+            })
+            .collect();
+        SpoolStats {
+            records: streams.iter().map(|s| s.records).sum(),
+            bytes: state.total_bytes(),
+            streams,
+        }
+    }
+
+    /// Flushes everything, including lazy deletions. Called at shutdown.
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        self.inner.db.flush()?;
+        self.inner.tree.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the spool's files take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or_else(|e| {
+            error!(error = %e, "Cannot measure the spool's size on disk.");
+            0
+        })
+    }
+}
+
+fn same_meta(a: &StreamMeta, b: &StreamMeta) -> bool {
+    a.next_seq == b.next_seq
+        && a.records == b.records
+        && a.bytes == b.bytes
+        && a.chunks == b.chunks
+        && a.evicted == b.evicted
+        && a.name == b.name
+}
+
+fn stream_id(
+    ids: &mut HashMap<String, u32>,
+    metas: &mut BTreeMap<u32, StreamMeta>,
+    global: &mut GlobalMeta,
+    stream: &str,
+) -> u32 {
+    if let Some(id) = ids.get(stream) {
+        return *id;
+    }
+    let id = global.next_stream_id;
+    global.next_stream_id += 1;
+    ids.insert(stream.to_string(), id);
+    metas.insert(
+        id,
+        StreamMeta {
+            name: stream.to_string(),
+            next_seq: 1,
+            ..StreamMeta::default()
+        },
+    );
+    id
+}
+
+/// Assigns seqs to `records` and packs them into chunks bounded by the chunk limits.
+fn pack<'a>(
+    sid: u32,
+    meta: &mut StreamMeta,
+    global: &mut GlobalMeta,
+    records: impl Iterator<Item = (u64, &'a Body)>,
+    committed_ms: u64,
+    settings: &SpoolSettings,
+    out: &mut Vec<NewChunk>,
+) {
+    let mut buf = Vec::new();
+    let mut count = 0u64;
+    let mut first_seq = meta.next_seq;
+    let mut flush = |buf: &mut Vec<u8>,
+                     count: &mut u64,
+                     first_seq: &mut u64,
+                     meta: &mut StreamMeta,
+                     global: &mut GlobalMeta| {
+        if *count == 0 {
+            return;
+        }
+        let value = chunk::assemble(
+            Header {
+                committed_ms,
+                first_seq: *first_seq,
+                count: *count as u32,
+            },
+            buf,
+        );
+        let c = NewChunk {
+            stream_id: sid,
+            chunk_id: global.next_chunk_id,
+            first_seq: *first_seq,
+            count: *count,
+            value,
+        };
+        global.next_chunk_id += 1;
+        meta.records += c.count;
+        meta.bytes += c.bytes();
+        meta.chunks += 1;
+        *first_seq += *count;
+        out.push(c);
+        buf.clear();
+        *count = 0;
+    };
+    for (ts, body) in records {
+        let before = buf.len();
+        chunk::encode_record(&mut buf, ts, body);
+        if count > 0 && buf.len() > settings.chunk_max_bytes {
+            // This record does not fit: close the chunk without it, then start a new one.
+            let tail = buf.split_off(before);
+            flush(&mut buf, &mut count, &mut first_seq, meta, global);
+            buf = tail;
+        }
+        count += 1;
+        meta.next_seq += 1;
+        if count as usize >= settings.chunk_max_records {
+            flush(&mut buf, &mut count, &mut first_seq, meta, global);
+        }
+    }
+    flush(&mut buf, &mut count, &mut first_seq, meta, global);
+}
+
+/// Un-counts a chunk of this commit that will not be stored, and records its seqs as lost.
+fn drop_new(
+    metas: &mut BTreeMap<u32, StreamMeta>,
+    c: &NewChunk,
+    losses: &mut Losses,
+    reason: &'static str,
+    counter: &mut u64,
+) {
+    let meta = metas.get_mut(&c.stream_id).expect("new chunk has a stream");
+    meta.records -= c.count;
+    meta.bytes -= c.bytes();
+    meta.chunks -= 1;
+    meta.evicted += c.count;
+    *counter += c.count;
+    losses.add(&meta.name, reason, c.first_seq, c.count);
+}

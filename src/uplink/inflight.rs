@@ -1,0 +1,185 @@
+//! Ack correlation: which spool chunks a PUBACK acknowledges.
+//!
+//! rumqttc's `publish()` returning `Ok` only means "queued"; the packet id is known when its
+//! event loop reports `Outgoing::Publish(pkid)`, and it takes requests strictly FIFO. So per
+//! connection epoch:
+//!
+//! - [`Inflight::queued`] appends the publish to `awaiting` (handed to the client, pkid unknown);
+//! - [`Inflight::on_outgoing`] binds a new pkid to the front of `awaiting`. A pkid that is already
+//!   bound is a retransmission of that publish and binds nothing; pkid 0 is QoS 0 and ignored;
+//! - [`Inflight::on_puback`] releases the entry bound to that pkid, whose chunks may now be
+//!   deleted from the spool. A PUBACK for an unknown pkid releases nothing.
+//!
+//! When the epoch ends the whole structure is dropped: everything not acknowledged stays in
+//! the spool and is sent again by the next epoch (a duplicate at worst, never a loss).
+
+use std::collections::{HashMap, VecDeque};
+
+/// What a bound publish carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tag<T> {
+    /// Spool data: acknowledge these chunks when the PUBACK arrives.
+    Data(T),
+    /// A control publish (the status message): nothing to delete.
+    Control,
+}
+
+/// Result of an `Outgoing::Publish` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    Bound,
+    /// The pkid is already bound: rumqttc resent that packet.
+    Retransmission,
+    /// QoS 0 (pkid 0): not tracked.
+    Untracked,
+    /// Nothing was waiting for a pkid: the FIFO invariant broke. The caller must end the epoch
+    /// so no PUBACK can be applied to the wrong chunks.
+    Unexpected,
+}
+
+#[derive(Debug)]
+pub struct Inflight<T> {
+    awaiting: VecDeque<Tag<T>>,
+    bound: HashMap<u16, Tag<T>>,
+}
+
+impl<T> Default for Inflight<T> {
+    fn default() -> Self {
+        Inflight {
+            awaiting: VecDeque::new(),
+            bound: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Inflight<T> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a publish the client accepted, in the order it was handed over.
+    pub fn queued(&mut self, tag: Tag<T>) {
+        self.awaiting.push_back(tag);
+    }
+
+    pub fn on_outgoing(&mut self, pkid: u16) -> Bind {
+        if pkid == 0 {
+            return Bind::Untracked;
+        }
+        if self.bound.contains_key(&pkid) {
+            return Bind::Retransmission;
+        }
+        match self.awaiting.pop_front() {
+            Some(tag) => {
+                self.bound.insert(pkid, tag);
+                Bind::Bound
+            }
+            None => Bind::Unexpected,
+        }
+    }
+
+    pub fn on_puback(&mut self, pkid: u16) -> Option<Tag<T>> {
+        self.bound.remove(&pkid)
+    }
+
+    /// Publishes handed over and not yet acknowledged.
+    pub fn len(&self) -> usize {
+        self.awaiting.len() + self.bound.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Data publishes not yet acknowledged (control publishes do not use the window).
+    pub fn data_len(&self) -> usize {
+        let is_data = |t: &Tag<T>| matches!(t, Tag::Data(_));
+        self.awaiting.iter().filter(|t| is_data(t)).count()
+            + self.bound.values().filter(|t| is_data(t)).count()
+    }
+
+    /// Forgets everything (end of an epoch); returns how many publishes were unacknowledged.
+    pub fn reset(&mut self) -> usize {
+        let n = self.len();
+        self.awaiting.clear();
+        self.bound.clear();
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_in_fifo_order_and_acks_release_the_right_batch() {
+        let mut f = Inflight::new();
+        f.queued(Tag::Control);
+        f.queued(Tag::Data("a"));
+        f.queued(Tag::Data("b"));
+        assert_eq!(f.on_outgoing(1), Bind::Bound);
+        assert_eq!(f.on_outgoing(2), Bind::Bound);
+        assert_eq!(f.on_outgoing(3), Bind::Bound);
+        assert_eq!(f.data_len(), 2);
+        // Acks may come in any order.
+        assert_eq!(f.on_puback(3), Some(Tag::Data("b")));
+        assert_eq!(f.on_puback(1), Some(Tag::Control));
+        assert_eq!(f.on_puback(2), Some(Tag::Data("a")));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn retransmission_binds_nothing() {
+        let mut f = Inflight::new();
+        f.queued(Tag::Data(1));
+        f.queued(Tag::Data(2));
+        assert_eq!(f.on_outgoing(7), Bind::Bound);
+        // rumqttc resends pkid 7 (e.g. a replayed pending publish): batch 2 must stay unbound.
+        assert_eq!(f.on_outgoing(7), Bind::Retransmission);
+        assert_eq!(f.on_puback(7), Some(Tag::Data(1)));
+        assert_eq!(f.on_outgoing(8), Bind::Bound);
+        assert_eq!(f.on_puback(8), Some(Tag::Data(2)));
+    }
+
+    #[test]
+    fn pkid_reuse_after_ack_binds_the_next_batch() {
+        let mut f = Inflight::new();
+        f.queued(Tag::Data("x"));
+        f.queued(Tag::Data("y"));
+        assert_eq!(f.on_outgoing(1), Bind::Bound);
+        assert_eq!(f.on_puback(1), Some(Tag::Data("x")));
+        // rumqttc's pkid counter wrapped: 1 is free again and now carries "y".
+        assert_eq!(f.on_outgoing(1), Bind::Bound);
+        assert_eq!(f.on_puback(1), Some(Tag::Data("y")));
+    }
+
+    #[test]
+    fn unknown_puback_and_qos0_are_ignored() {
+        let mut f: Inflight<u8> = Inflight::new();
+        f.queued(Tag::Data(1));
+        assert_eq!(f.on_outgoing(0), Bind::Untracked);
+        assert_eq!(f.on_puback(9), None);
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn outgoing_with_nothing_awaiting_is_reported() {
+        let mut f: Inflight<u8> = Inflight::new();
+        assert_eq!(f.on_outgoing(1), Bind::Unexpected);
+    }
+
+    #[test]
+    fn reset_on_reconnect_forgets_everything() {
+        let mut f = Inflight::new();
+        f.queued(Tag::Data(1));
+        f.queued(Tag::Data(2));
+        f.on_outgoing(1);
+        assert_eq!(f.reset(), 2);
+        assert!(f.is_empty());
+        // A PUBACK from the old epoch for pkid 1 must not release anything of the new one.
+        assert_eq!(f.on_puback(1), None);
+        f.queued(Tag::Data(3));
+        assert_eq!(f.on_outgoing(1), Bind::Bound);
+        assert_eq!(f.on_puback(1), Some(Tag::Data(3)));
+    }
+}

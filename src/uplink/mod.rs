@@ -1,0 +1,446 @@
+//! The uplink: drains the spool to an MQTT broker at QoS 1 and deletes a record only after the
+//! broker's PUBACK for the message that carried it.
+//!
+//! Invariants:
+//! - **The spool is the only source of truth.** rumqttc's in-memory queue is not a delivery
+//!   guarantee (it discards pending publishes on reconnect), so nothing is deleted because
+//!   `publish()` returned `Ok`, only because of the PUBACK bound to it ([`inflight`]).
+//! - **One connection epoch = one fresh `AsyncClient` + `EventLoop`.** The event loop is
+//!   polled by its own task that forwards events over a bounded channel (`poll()` is not known
+//!   to be cancel-safe, so it never sits in a `select!`). When `poll()` fails, the epoch ends:
+//!   both are dropped, the in-flight map with them, and after a backoff the next epoch resends
+//!   everything unacknowledged from the spool (duplicates allowed, loss not).
+//! - **This task alone publishes** and owns the in-flight bookkeeping.
+//! - **Window:** at most `window` data messages are unacknowledged at once; rumqttc's own
+//!   in-flight limit is set well above it so its packet ids rarely collide.
+//! - **Reconnect backoff** lives here (exponential, full jitter, capped, reset after a
+//!   connection stayed up for `reset_after`). rumqttc has none of its own.
+
+pub mod inflight;
+pub mod options;
+pub mod payload;
+pub mod tls;
+
+use crate::backoff::Backoff;
+use crate::config::UplinkSettings;
+use crate::record::now_ms;
+use crate::spool::Spool;
+use inflight::{Bind, Inflight, Tag};
+use options::Topics;
+use payload::Origin;
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// Events from the polling task waiting for the uplink task. Small: the uplink handles each
+/// event in microseconds, and a full channel only pauses polling (back-pressure on the socket).
+const EVENT_CAPACITY: usize = 64;
+/// Requests queued in rumqttc's channel: the window plus status, disconnect and slack. The
+/// window gate keeps it from filling; `try_publish` failing means a bug, and ends the epoch.
+const REQUEST_SLACK: usize = 8;
+/// How long to wait for the DISCONNECT to be written at shutdown.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// Counters readable while the agent runs.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub messages_published: AtomicU64,
+    pub records_acked: AtomicU64,
+}
+
+/// A published data message whose PUBACK is awaited.
+#[derive(Debug, Clone)]
+struct Sent {
+    stream_id: u32,
+    chunk_ids: Vec<u64>,
+    records: u64,
+}
+
+enum EpochEnd {
+    Shutdown,
+    Failed {
+        error: String,
+        serious: bool,
+        was_connected: bool,
+    },
+}
+
+fn failed(error: impl Into<String>, was_connected: bool) -> EpochEnd {
+    EpochEnd::Failed {
+        error: error.into(),
+        serious: false,
+        was_connected,
+    }
+}
+
+pub struct Uplink {
+    settings: UplinkSettings,
+    spool: Spool,
+    topics: Topics,
+    origin: Origin,
+    shutdown: CancellationToken,
+    stats: Arc<UplinkStats>,
+}
+
+impl Uplink {
+    pub fn new(
+        settings: UplinkSettings,
+        spool: Spool,
+        boot: String,
+        shutdown: CancellationToken,
+    ) -> Uplink {
+        Uplink {
+            topics: Topics::new(&settings.topic_prefix, &settings.device_id),
+            origin: Origin {
+                device: settings.device_id.clone(),
+                boot,
+            },
+            settings,
+            spool,
+            shutdown,
+            stats: Arc::new(UplinkStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<UplinkStats> {
+        self.stats.clone()
+    }
+
+    /// Connects, drains, reconnects with backoff, until the shutdown token is cancelled.
+    pub async fn run(self) {
+        let s = &self.settings;
+        let mut backoff = Backoff::new(s.backoff.initial, s.backoff.max);
+        let mut last_error = String::new();
+        let broker = format!("{}:{}", s.host, s.port);
+        loop {
+            let started = Instant::now();
+            let end = self.epoch().await;
+            self.stats.connected.store(false, Ordering::Relaxed);
+            let (error, serious, was_connected) = match end {
+                EpochEnd::Shutdown => break,
+                EpochEnd::Failed {
+                    error,
+                    serious,
+                    was_connected,
+                } => (error, serious, was_connected),
+            };
+            if was_connected && started.elapsed() >= s.backoff.reset_after {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            let retry_in_ms = delay.as_millis() as u64;
+            let attempt = backoff.attempts();
+            if error != last_error || attempt.is_multiple_of(10) {
+                if serious {
+                    error!(%broker, retry_in_ms, attempt, error = %error, "Cannot connect to the broker; data stays in the spool.");
+                } else if was_connected {
+                    warn!(%broker, retry_in_ms, error = %error, "Connection lost; unacknowledged data will be resent.");
+                } else {
+                    warn!(%broker, retry_in_ms, attempt, error = %error, "Cannot connect to the broker; data stays in the spool.");
+                }
+            } else {
+                debug!(%broker, retry_in_ms, attempt, error = %error, "Still cannot connect.");
+            }
+            last_error = error;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        info!("Uplink stopped.");
+    }
+
+    async fn epoch(&self) -> EpochEnd {
+        let s = &self.settings;
+        let (opts, net) = match options::build(s, &self.topics, &self.origin.boot) {
+            Ok(o) => o,
+            Err(e) => {
+                return EpochEnd::Failed {
+                    error: e.to_string(),
+                    serious: true,
+                    was_connected: false,
+                };
+            }
+        };
+        let (client, mut eventloop) = AsyncClient::new(opts, s.window + REQUEST_SLACK);
+        eventloop.set_network_options(net);
+        let (ev_tx, mut events) = mpsc::channel(EVENT_CAPACITY);
+        let poller = tokio::spawn(async move {
+            loop {
+                let ev = eventloop.poll().await;
+                let stop = ev.is_err();
+                if ev_tx.send(ev).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let _poller = AbortOnDrop(poller);
+
+        // CONNECT / CONNACK.
+        let deadline = Instant::now() + options::connect_deadline(s);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return EpochEnd::Shutdown,
+                _ = tokio::time::sleep_until(deadline) => return failed("timed out waiting for the broker's CONNACK", false),
+                ev = events.recv() => match ev {
+                    Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return describe(&e, false),
+                    None => return failed("event loop stopped", false),
+                },
+            }
+        }
+        self.stats.connected.store(true, Ordering::Relaxed);
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        info!(broker = %format!("{}:{}", s.host, s.port), client_id = %s.client_id, tls = s.tls.is_some(), "Connected to the broker.");
+
+        let mut inflight: Inflight<Sent> = Inflight::new();
+        if let Err(e) = client.try_publish(
+            self.topics.status(),
+            QoS::AtLeastOnce,
+            true,
+            options::status_payload("online", &self.origin.boot),
+        ) {
+            return failed(format!("cannot queue the status message: {e}"), true);
+        }
+        inflight.queued(Tag::Control);
+
+        let mut cursors: HashMap<u32, u64> = HashMap::new();
+        let mut committed = self.spool.subscribe();
+        let mut linger_until: Option<Instant> = None;
+        let mut draining: Option<Instant> = None;
+        let far = || Instant::now() + Duration::from_secs(3600);
+        loop {
+            if draining.is_none() {
+                match self.fill(&client, &mut inflight, &mut cursors).await {
+                    Ok(next) => linger_until = next,
+                    Err(end) => return end,
+                }
+            } else if inflight.data_len() == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled(), if draining.is_none() => {
+                    debug!(in_flight = inflight.data_len(), "Shutdown: waiting for outstanding PUBACKs.");
+                    draining = Some(Instant::now() + s.shutdown_grace);
+                }
+                _ = tokio::time::sleep_until(draining.unwrap_or_else(far)), if draining.is_some() => {
+                    warn!(in_flight = inflight.data_len(), "Shutdown grace period over; unacknowledged data stays in the spool and is resent at the next start.");
+                    break;
+                }
+                ev = events.recv() => match ev {
+                    Some(Ok(ev)) => {
+                        if let Err(end) = self.on_event(ev, &mut inflight).await {
+                            return end;
+                        }
+                    }
+                    Some(Err(e)) => return describe(&e, true),
+                    None => return failed("event loop stopped", true),
+                },
+                r = committed.changed() => {
+                    if r.is_err() {
+                        return EpochEnd::Shutdown;
+                    }
+                }
+                _ = tokio::time::sleep_until(linger_until.unwrap_or_else(far)), if linger_until.is_some() => {}
+            }
+        }
+
+        // Goodbye: retained offline status, then DISCONNECT (the last will is not sent then).
+        let _ = client.try_publish(
+            self.topics.status(),
+            QoS::AtLeastOnce,
+            true,
+            options::status_payload("offline", &self.origin.boot),
+        );
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
+            while let Some(Ok(ev)) = events.recv().await {
+                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        info!("Disconnected from the broker.");
+        EpochEnd::Shutdown
+    }
+
+    /// Publishes batches until the window is full or nothing is ready. Returns when a
+    /// lingering batch becomes due, if one is waiting.
+    async fn fill(
+        &self,
+        client: &AsyncClient,
+        inflight: &mut Inflight<Sent>,
+        cursors: &mut HashMap<u32, u64>,
+    ) -> Result<Option<Instant>, EpochEnd> {
+        let s = &self.settings;
+        while inflight.data_len() < s.window {
+            let spool = self.spool.clone();
+            let cur = cursors.clone();
+            let limits = s.batch;
+            let batch = tokio::task::spawn_blocking(move || spool.next_batch(&cur, &limits))
+                .await
+                .map_err(|e| failed(format!("spool read panicked: {e}"), true))?
+                .map_err(|e| EpochEnd::Failed {
+                    error: format!("cannot read the spool: {e}"),
+                    serious: true,
+                    was_connected: true,
+                })?;
+            let Some(batch) = batch else { return Ok(None) };
+            if !batch.full && !s.batch.linger.is_zero() {
+                let due = batch.chunks[0].committed_ms + s.batch.linger.as_millis() as u64;
+                let now = now_ms();
+                if now < due {
+                    return Ok(Some(Instant::now() + Duration::from_millis(due - now)));
+                }
+            }
+            let topic = self.topics.data(&batch.stream);
+            let (payload, used) = payload::encode(
+                &self.origin,
+                &batch.stream,
+                &batch.chunks,
+                s.batch.max_bytes,
+            );
+            let chunks = &batch.chunks[..used];
+            let last = chunks
+                .last()
+                .expect("encode uses at least one chunk")
+                .chunk_id;
+            cursors.insert(batch.stream_id, last);
+            let sent = Sent {
+                stream_id: batch.stream_id,
+                chunk_ids: chunks.iter().map(|c| c.chunk_id).collect(),
+                records: chunks.iter().map(|c| c.records.len() as u64).sum(),
+            };
+            // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
+            if payload.len() + topic.len() + 9 > s.max_packet_bytes {
+                error!(stream = %batch.stream, bytes = payload.len(), records = sent.records, "A stored chunk is larger than uplink.max_packet_bytes allows; it cannot be sent and is dropped.");
+                self.ack(sent).await?;
+                continue;
+            }
+            client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                .map_err(|e| failed(format!("cannot queue a publish: {e}"), true))?;
+            self.stats
+                .messages_published
+                .fetch_add(1, Ordering::Relaxed);
+            inflight.queued(Tag::Data(sent));
+        }
+        Ok(None)
+    }
+
+    async fn on_event(&self, ev: Event, inflight: &mut Inflight<Sent>) -> Result<(), EpochEnd> {
+        match ev {
+            Event::Outgoing(Outgoing::Publish(pkid)) => match inflight.on_outgoing(pkid) {
+                Bind::Unexpected => {
+                    return Err(failed(
+                        format!(
+                            "packet id {pkid} was published with nothing awaiting it; restarting the connection to keep acknowledgements exact"
+                        ),
+                        true,
+                    ));
+                }
+                Bind::Retransmission => debug!(pkid, "Publish retransmitted."),
+                Bind::Bound | Bind::Untracked => {}
+            },
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                debug!(pkid, "Packet id collision; rumqttc waits for its ack.")
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(Tag::Data(sent)) = inflight.on_puback(ack.pkid) {
+                    self.ack(sent).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, sent: Sent) -> Result<(), EpochEnd> {
+        let spool = self.spool.clone();
+        let records = sent.records;
+        tokio::task::spawn_blocking(move || spool.ack(sent.stream_id, &sent.chunk_ids))
+            .await
+            .map_err(|e| failed(format!("spool ack panicked: {e}"), true))?
+            .map_err(|e| EpochEnd::Failed {
+                error: format!("cannot delete acknowledged records: {e}"),
+                serious: true,
+                was_connected: true,
+            })?;
+        self.stats
+            .records_acked
+            .fetch_add(records, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A connection error as an operator should read it, with a hint where the cause is usually
+/// configuration.
+fn describe(e: &ConnectionError, was_connected: bool) -> EpochEnd {
+    if let ConnectionError::ConnectionRefused(code) = e {
+        let why = match code {
+            ConnectReturnCode::BadUserNamePassword => {
+                "bad user name or password (check uplink.auth)"
+            }
+            ConnectReturnCode::NotAuthorized => {
+                "not authorized (check uplink.auth, the client certificate and the broker's ACL)"
+            }
+            ConnectReturnCode::BadClientId => "client id rejected (check uplink.client_id)",
+            ConnectReturnCode::ServiceUnavailable => "service unavailable",
+            ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 is not accepted",
+            ConnectReturnCode::Success => "refused with a success code",
+        };
+        return EpochEnd::Failed {
+            error: format!("the broker refused the connection: {why}"),
+            serious: true,
+            was_connected,
+        };
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    let debug = format!("{e:?}");
+    let hint = if debug.contains("UnknownIssuer") || debug.contains("BadSignature") {
+        Some("the broker's certificate is not signed by uplink.tls.ca_file")
+    } else if debug.contains("NotValidForName") {
+        Some("the broker's certificate does not name uplink.host")
+    } else if debug.contains("CertificateRequired") {
+        Some("the broker requires a client certificate: set uplink.tls.cert_file and key_file")
+    } else if debug.contains("Expired") {
+        Some("a certificate has expired (or the clock is wrong)")
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => EpochEnd::Failed {
+            error: format!("TLS handshake failed: {h} ({text})"),
+            serious: true,
+            was_connected,
+        },
+        None => failed(text, was_connected),
+    }
+}

@@ -1,0 +1,106 @@
+//! Builds rumqttc's options for one connection epoch, setting explicitly what rumqttc
+//! defaults wrongly for slow links: connect/flush timeout (default 5 s), packet size limits
+//! (default 10 KiB), keepalive, session persistence, in-flight limit, last will.
+
+use super::tls::{self, TlsError};
+use crate::config::UplinkSettings;
+use rumqttc::{LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport};
+use std::time::Duration;
+
+/// Topic names for one device.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    base: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, device: &str) -> Topics {
+        Topics {
+            base: format!("{prefix}/{device}"),
+        }
+    }
+
+    pub fn data(&self, stream: &str) -> String {
+        format!("{}/data/{stream}", self.base)
+    }
+
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+}
+
+/// The retained status payload.
+pub fn status_payload(state: &str, boot: &str) -> Vec<u8> {
+    serde_json::json!({
+        "state": state,
+        "version": crate::VERSION,
+        "boot": boot,
+        "ts": crate::record::now_ms(),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot read password file {path}: {source}")]
+    Password {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// rumqttc's in-flight limit is also its packet id range; keeping it well above our window
+/// makes pkid collisions (which stall rumqttc) rare.
+pub fn rumqttc_inflight(window: usize) -> u16 {
+    (window * 4 + 8).min(u16::MAX as usize) as u16
+}
+
+/// Options and network options for a fresh client. Reads the TLS and password files again, so
+/// rotated files take effect at the next reconnect.
+pub fn build(
+    s: &UplinkSettings,
+    topics: &Topics,
+    boot: &str,
+) -> Result<(MqttOptions, NetworkOptions), OptionsError> {
+    let mut o = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+    o.set_keep_alive(s.keepalive);
+    // A persistent session: the broker keeps our command subscription and queues commands
+    // while we are offline. Delivery of our own data never relies on it (the spool does).
+    o.set_clean_session(false);
+    o.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
+    o.set_inflight(rumqttc_inflight(s.window));
+    o.set_last_will(LastWill::new(
+        topics.status(),
+        status_payload("offline", boot),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some(auth) = &s.auth {
+        let password = match &auth.password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| OptionsError::Password {
+                    path: p.clone(),
+                    source,
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            None => String::new(),
+        };
+        o.set_credentials(auth.username.clone(), password);
+    }
+    if let Some(t) = &s.tls {
+        let config = tls::client_config(t)?;
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    }
+    let mut n = NetworkOptions::new();
+    n.set_connection_timeout(s.connect_timeout.as_secs().max(1));
+    Ok((o, n))
+}
+
+/// Time allowed for TCP + TLS + CONNECT/CONNACK before the attempt counts as failed.
+pub fn connect_deadline(s: &UplinkSettings) -> Duration {
+    s.connect_timeout + Duration::from_secs(1)
+}
