@@ -84,8 +84,13 @@ pub enum SpoolError {
         dir: std::path::PathBuf,
         source: sled::Error,
     },
+    #[error("the spool at {dir} is locked by another process (is another ferry running?)")]
+    Locked { dir: std::path::PathBuf },
     #[error("spool storage error: {0}")]
     Storage(#[from] sled::Error),
     #[error("spool data is corrupt: {0}")]
     Corrupt(String),
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,6 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::error;
 
+/// How long `open` waits for sled's file lock before reporting that another process holds it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 /// Persisted per-stream counters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct StreamMeta {
@@ -178,16 +185,33 @@ impl Spool {
             dir: settings.dir.clone(),
             source,
         })?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&settings.dir)
             .cache_capacity(settings.cache_bytes)
             // Commits flush explicitly; the background flush only makes lazy deletions durable.
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|source| SpoolError::Open {
-                dir: settings.dir.clone(),
-                source,
-            })?;
+            .flush_every_ms(Some(1000));
+        // sled's lock outlives a dropped handle until its flusher thread ends (up to one flush
+        // period), so a reopen in the same process may have to wait for it briefly.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) if is_lock_error(&e) => {
+                    return Err(SpoolError::Locked {
+                        dir: settings.dir.clone(),
+                    });
+                }
+                Err(source) => {
+                    return Err(SpoolError::Open {
+                        dir: settings.dir.clone(),
+                        source,
+                    });
+                }
+            }
+        };
         let tree = db.open_tree("spool")?;
         let global: GlobalMeta = match tree.get(keys::GLOBAL)? {
             Some(v) => decode_meta("global counters", &v)?,

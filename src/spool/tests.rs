@@ -1,0 +1,316 @@
+//! Contract tests of the spool on a real sled database in a temp dir.
+
+use super::*;
+use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
+use crate::record::{Body, LOSS_STREAM, Reading, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+fn settings(dir: &std::path::Path, max_bytes: u64, policy: FullPolicy) -> SpoolSettings {
+    SpoolSettings {
+        dir: dir.to_path_buf(),
+        max_bytes,
+        full_policy: policy,
+        flush_interval: Duration::from_millis(10),
+        flush_max_records: 1000,
+        cache_bytes: 1 << 20,
+        chunk_max_records: 50,
+        chunk_max_bytes: 4096,
+    }
+}
+
+fn reading(stream: &str, i: u64) -> Reading {
+    Reading {
+        stream: stream.into(),
+        ts_ms: 1_700_000_000_000 + i,
+        body: Body::Fields(vec![
+            ("i".into(), Value::U64(i)),
+            ("x".into(), Value::F64(i as f64 * 0.5)),
+            ("pad".into(), Value::Str("p".repeat(60))),
+        ]),
+    }
+}
+
+fn intakes(stream: &str, range: std::ops::Range<u64>) -> Vec<Intake> {
+    range.map(|i| Intake::reading(reading(stream, i))).collect()
+}
+
+const ALL: BatchLimits = BatchLimits {
+    max_records: 100_000,
+    max_bytes: usize::MAX,
+    linger: Duration::ZERO,
+};
+
+/// Everything readable, by draining with cursors, as (stream, seqs).
+fn drain(spool: &Spool) -> Vec<(String, Vec<u64>)> {
+    let mut cursors = HashMap::new();
+    let mut out = Vec::new();
+    while let Some(b) = spool.next_batch(&cursors, &ALL).unwrap() {
+        cursors.insert(b.stream_id, b.chunks.last().unwrap().chunk_id);
+        let seqs = b
+            .chunks
+            .iter()
+            .flat_map(|c| c.records.iter().map(|r| r.seq))
+            .collect();
+        out.push((b.stream.clone(), seqs));
+    }
+    out
+}
+
+#[test]
+fn seqs_are_contiguous_per_stream_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 30, FullPolicy::DropOldest);
+    {
+        let spool = Spool::open(&s).unwrap();
+        let mut group = intakes("a", 0..120);
+        group.extend(intakes("b", 0..7));
+        let sum = spool.commit(&group).unwrap();
+        assert_eq!(sum.accepted, 127);
+    }
+    let spool = Spool::open(&s).unwrap();
+    spool.commit(&intakes("a", 120..130)).unwrap();
+    let stats = spool.stats();
+    assert_eq!(stats.stream("a").unwrap().next_seq, 131);
+    assert_eq!(stats.stream("a").unwrap().records, 130);
+    assert_eq!(stats.stream("b").unwrap().records, 7);
+    let a: Vec<u64> = drain(&spool)
+        .into_iter()
+        .filter(|(s, _)| s == "a")
+        .flat_map(|(_, v)| v)
+        .collect();
+    assert_eq!(a, (1..=130).collect::<Vec<_>>());
+}
+
+#[test]
+fn chunks_respect_record_and_byte_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    spool.commit(&intakes("a", 0..200)).unwrap();
+    let limits = BatchLimits {
+        max_records: 1000,
+        max_bytes: usize::MAX,
+        linger: Duration::ZERO,
+    };
+    let b = spool.next_batch(&HashMap::new(), &limits).unwrap().unwrap();
+    for c in &b.chunks {
+        assert!(c.records.len() <= 50);
+        assert!(c.stored_bytes <= 4096 + 13 + chunk::HEADER_LEN + 200);
+    }
+    assert_eq!(b.record_count(), 200);
+}
+
+#[test]
+fn ack_deletes_only_acked_chunks_and_seq_is_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 30, FullPolicy::DropOldest);
+    let spool = Spool::open(&s).unwrap();
+    spool.commit(&intakes("a", 0..100)).unwrap();
+    let limits = BatchLimits {
+        max_records: 50,
+        max_bytes: usize::MAX,
+        linger: Duration::ZERO,
+    };
+    let first = spool.next_batch(&HashMap::new(), &limits).unwrap().unwrap();
+    assert!(first.full);
+    let n = first.record_count() as u64;
+    assert!((1..=50).contains(&n));
+    let ids: Vec<u64> = first.chunks.iter().map(|c| c.chunk_id).collect();
+    assert_eq!(spool.ack(first.stream_id, &ids).unwrap(), n);
+    // Acking again is harmless.
+    assert_eq!(spool.ack(first.stream_id, &ids).unwrap(), 0);
+    drop(spool);
+    let spool = Spool::open(&s).unwrap();
+    let left: Vec<u64> = drain(&spool).into_iter().flat_map(|(_, v)| v).collect();
+    assert_eq!(left, (n + 1..=100).collect::<Vec<_>>());
+    // Even with everything acked, the next record gets a new seq.
+    let rest = spool.next_batch(&HashMap::new(), &ALL).unwrap().unwrap();
+    spool
+        .ack(
+            rest.stream_id,
+            &rest.chunks.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
+        )
+        .unwrap();
+    assert_eq!(spool.stats().records, 0);
+    spool.commit(&intakes("a", 0..1)).unwrap();
+    assert_eq!(drain(&spool), vec![("a".to_string(), vec![101])]);
+}
+
+#[test]
+fn oldest_stream_goes_first_and_cursor_skips_handed_out_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    spool.commit(&intakes("b", 0..3)).unwrap();
+    spool.commit(&intakes("a", 0..3)).unwrap();
+    spool.commit(&intakes("b", 3..5)).unwrap();
+    let order: Vec<(String, Vec<u64>)> = drain(&spool);
+    assert_eq!(order[0], ("b".to_string(), vec![1, 2, 3, 4, 5]));
+    assert_eq!(order[1], ("a".to_string(), vec![1, 2, 3]));
+}
+
+fn loss_records(spool: &Spool) -> Vec<HashMap<String, Value>> {
+    let mut cursors = HashMap::new();
+    let mut out = Vec::new();
+    while let Some(b) = spool.next_batch(&cursors, &ALL).unwrap() {
+        cursors.insert(b.stream_id, b.chunks.last().unwrap().chunk_id);
+        if b.stream != LOSS_STREAM {
+            continue;
+        }
+        for r in b.chunks.iter().flat_map(|c| c.records.iter()) {
+            let Body::Fields(f) = &r.body else {
+                panic!("loss record is fields")
+            };
+            out.push(f.iter().cloned().collect());
+        }
+    }
+    out
+}
+
+#[test]
+fn drop_oldest_evicts_oldest_and_reports_the_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 64 << 10, FullPolicy::DropOldest);
+    let spool = Spool::open(&s).unwrap();
+    let mut evicted = 0;
+    for round in 0..40u64 {
+        let sum = spool
+            .commit(&intakes("a", round * 50..round * 50 + 50))
+            .unwrap();
+        evicted += sum.evicted;
+    }
+    let stats = spool.stats();
+    let a = stats.stream("a").unwrap();
+    assert!(evicted > 0);
+    assert_eq!(a.evicted, evicted);
+    let data_bytes = stats.bytes - stats.stream(LOSS_STREAM).map_or(0, |l| l.bytes);
+    assert!(data_bytes <= 64 << 10, "{data_bytes} over the cap");
+    // What is left of "a" is the newest, contiguous up to the last seq.
+    let left: Vec<u64> = drain(&spool)
+        .into_iter()
+        .filter(|(s, _)| s == "a")
+        .flat_map(|(_, v)| v)
+        .collect();
+    assert_eq!(*left.last().unwrap(), 2000);
+    assert_eq!(left.len() as u64 + evicted, 2000);
+    assert!(left.windows(2).all(|w| w[1] == w[0] + 1));
+    // Loss records cover exactly the evicted seqs 1..first_left-1.
+    let mut covered = Vec::new();
+    for l in loss_records(&spool) {
+        assert_eq!(l["stream"], Value::Str("a".into()));
+        assert_eq!(l["reason"], Value::Str("evicted".into()));
+        let (Value::U64(f), Value::U64(t)) = (&l["first_seq"], &l["last_seq"]) else {
+            panic!()
+        };
+        covered.extend(*f..=*t);
+    }
+    covered.sort();
+    assert_eq!(covered, (1..left[0]).collect::<Vec<_>>());
+    // Counters persist.
+    drop(spool);
+    let spool = Spool::open(&s).unwrap();
+    assert_eq!(spool.stats().stream("a").unwrap().evicted, evicted);
+}
+
+#[test]
+fn drop_newest_keeps_old_records_and_reports_the_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 64 << 10, FullPolicy::DropNewest)).unwrap();
+    let mut dropped = 0;
+    for round in 0..40u64 {
+        dropped += spool
+            .commit(&intakes("a", round * 50..round * 50 + 50))
+            .unwrap()
+            .dropped;
+    }
+    assert!(dropped > 0);
+    let left: Vec<u64> = drain(&spool)
+        .into_iter()
+        .filter(|(s, _)| s == "a")
+        .flat_map(|(_, v)| v)
+        .collect();
+    assert_eq!(left[0], 1);
+    assert!(left.windows(2).all(|w| w[1] == w[0] + 1));
+    let reasons: Vec<Value> = loss_records(&spool)
+        .into_iter()
+        .map(|l| l["reason"].clone())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .all(|r| *r == Value::Str("spool_full".into()))
+    );
+    let counted: u64 = loss_records(&spool)
+        .iter()
+        .map(|l| match l["count"] {
+            Value::U64(c) => c,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(counted, dropped);
+}
+
+#[test]
+fn checkpoint_is_committed_with_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 30, FullPolicy::DropOldest);
+    {
+        let spool = Spool::open(&s).unwrap();
+        let mut i = Intake::reading(reading("f", 1));
+        i.checkpoint = Some(Checkpoint {
+            source: "f".into(),
+            position: vec![1, 2, 3],
+        });
+        spool.commit(&[i]).unwrap();
+    }
+    let spool = Spool::open(&s).unwrap();
+    assert_eq!(spool.position("f").unwrap(), Some(vec![1, 2, 3]));
+    assert_eq!(spool.stats().stream("f").unwrap().records, 1);
+}
+
+#[test]
+fn failed_commits_are_reported_with_the_next_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    spool.note_failed(&intakes("a", 0..3));
+    spool.commit(&intakes("a", 3..4)).unwrap();
+    let losses = loss_records(&spool);
+    assert_eq!(losses.len(), 1);
+    assert_eq!(losses[0]["count"], Value::U64(3));
+    assert_eq!(losses[0]["reason"], Value::Str("spool_write_failed".into()));
+}
+
+#[test]
+fn disk_use_stays_bounded_while_churning_ten_times_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 256 << 10;
+    let spool = Spool::open(&settings(dir.path(), cap, FullPolicy::DropOldest)).unwrap();
+    let mut high = 0;
+    let mut written = 0u64;
+    let mut i = 0;
+    while written < 10 * cap {
+        spool.commit(&intakes("a", i..i + 50)).unwrap();
+        i += 50;
+        written += 50 * 100;
+        high = high.max(dir_size(dir.path()));
+    }
+    eprintln!("cap {cap} B, written {written} B, disk high-water {high} B");
+    assert!(
+        high <= 4 * cap + (2 << 20),
+        "disk use {high} B for a cap of {cap} B"
+    );
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                dir_size(&e.path())
+            } else {
+                m.len()
+            }
+        })
+        .sum()
+}
