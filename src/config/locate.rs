@@ -17,7 +17,8 @@ pub struct Position {
 
 /// Index of every key path found in a YAML text.
 pub struct Locator {
-    paths: HashMap<String, Position>,
+    /// Every occurrence of each path, in text order (a duplicated key has several).
+    paths: HashMap<String, Vec<Position>>,
 }
 
 enum Frame {
@@ -74,6 +75,15 @@ impl Locator {
                         index: 0,
                     }),
                 }
+                if let Some(Frame::Seq { path, index, .. }) = stack.last() {
+                    paths
+                        .entry(format!("{path}[{index}]"))
+                        .or_insert_with(Vec::new)
+                        .push(Position {
+                            line: line_no + 1,
+                            column: indent + 1,
+                        });
+                }
                 let skipped = 1 + after.len() - after.trim_start_matches(' ').len();
                 indent += skipped;
                 rest = &rest[skipped..];
@@ -94,10 +104,13 @@ impl Locator {
             } else {
                 format!("{parent}.{key}")
             };
-            paths.entry(path.clone()).or_insert(Position {
-                line: line_no + 1,
-                column: indent + 1,
-            });
+            paths
+                .entry(path.clone())
+                .or_insert_with(Vec::new)
+                .push(Position {
+                    line: line_no + 1,
+                    column: indent + 1,
+                });
             stack.push(Frame::Key { indent, path });
         }
         Locator { paths }
@@ -107,22 +120,17 @@ impl Locator {
     pub fn find(&self, path: &str) -> Option<Position> {
         let mut p = path.to_string();
         loop {
-            if let Some(pos) = self.paths.get(&p) {
-                return Some(*pos);
-            }
-            // Items are recorded through their first key; try that before the parent.
-            if p.ends_with(']')
-                && let Some((_, pos)) = self
-                    .paths
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&p) && k[p.len()..].starts_with('.'))
-                    .min_by_key(|(_, pos)| pos.line)
-            {
+            if let Some(pos) = self.paths.get(&p).and_then(|v| v.first()) {
                 return Some(*pos);
             }
             let cut = p.rfind(['.', '['])?;
             p.truncate(cut);
         }
+    }
+
+    /// Position of the `n`th occurrence (0-based) of exactly `path`, e.g. a duplicated key.
+    pub fn find_nth(&self, path: &str, n: usize) -> Option<Position> {
+        self.paths.get(path).and_then(|v| v.get(n)).copied()
     }
 }
 
@@ -200,7 +208,7 @@ collectors:
             l.find("collectors[1]"),
             Some(Position {
                 line: 11,
-                column: 5
+                column: 3
             })
         );
     }

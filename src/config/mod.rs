@@ -108,6 +108,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates config text; `path` names the file in messages and anchors relative
 /// paths.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    // Editors on Windows save UTF-8 with a byte order mark; YAML would read it as part of the
+    // first key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let invalid = |issues: Vec<Issue>| ConfigError::Invalid {
         file: path.to_path_buf(),
         issues,
@@ -151,8 +154,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             line: l.line(),
             column: l.column(),
         });
-        let message = strip_location(&inner.to_string());
         let path = if path == "." { String::new() } else { path };
+        let message = strip_path_prefix(&strip_location(&inner.to_string()), &path);
+        // serde_yaml places a duplicated key at its mapping; point at the second occurrence.
+        let position = duplicate_field(&message)
+            .and_then(|field| locator.find_nth(&join_path(&path, field), 1))
+            .or(position);
         invalid(vec![place(Issue {
             path,
             message,
@@ -167,10 +174,77 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .map_err(|issues| invalid(issues.into_iter().map(place).collect()))
 }
 
-/// serde_yaml appends " at line L column C"; the position is printed separately.
+/// serde_yaml inserts " at line L column C"; the position is printed separately.
 fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) if msg[i..].contains(" column ") => msg[..i].to_string(),
-        _ => msg.to_string(),
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(" at line ") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + " at line ".len()..];
+        let digits = |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let n = digits(tail);
+        match tail[n..].strip_prefix(" column ") {
+            Some(after) if n > 0 && digits(after) > 0 => rest = &after[digits(after)..],
+            _ => {
+                out.push_str(" at line ");
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// serde_yaml starts some messages with (part of) the key path, which is printed separately.
+fn strip_path_prefix(msg: &str, path: &str) -> String {
+    if let Some((head, tail)) = msg.split_once(": ")
+        && !head.is_empty()
+        && !head.contains(' ')
+        && path.starts_with(head)
+    {
+        return tail.to_string();
+    }
+    msg.to_string()
+}
+
+fn duplicate_field(msg: &str) -> Option<&str> {
+    let rest = msg.split("duplicate field `").nth(1)?;
+    rest.split('`').next()
+}
+
+fn join_path(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_and_path_prefixes_are_stripped() {
+        assert_eq!(
+            strip_location(
+                "did not find expected ',' at line 14 column 5, while parsing at line 13 column 14"
+            ),
+            "did not find expected ',', while parsing"
+        );
+        assert_eq!(strip_location("at line x"), "at line x");
+        assert_eq!(
+            strip_path_prefix("uplink.port: invalid type", "uplink.port"),
+            "invalid type"
+        );
+        assert_eq!(
+            strip_path_prefix("uplink: unknown field `tsl`", "uplink.tsl"),
+            "unknown field `tsl`"
+        );
+        assert_eq!(
+            strip_path_prefix("invalid type: string", "uplink.port"),
+            "invalid type: string"
+        );
+        assert_eq!(duplicate_field("duplicate field `port`"), Some("port"));
     }
 }
