@@ -46,16 +46,20 @@ pub struct CollectorContext {
     pub name: String,
     pub intake: mpsc::Sender<Intake>,
     pub shutdown: CancellationToken,
+    /// Positions committed with earlier intakes (see [`crate::spool::Checkpoint`]).
+    pub positions: Positions,
 }
 
 impl CollectorContext {
-    /// A context whose intake is returned to the test, with a fresh shutdown token.
+    /// A context whose intake is returned to the test, with a fresh shutdown token and
+    /// in-memory positions.
     pub fn new_test(name: &str) -> (CollectorContext, mpsc::Receiver<Intake>) {
         let (tx, rx) = mpsc::channel(64);
         let ctx = CollectorContext {
             name: name.to_string(),
             intake: tx,
             shutdown: CancellationToken::new(),
+            positions: Positions::in_memory(),
         };
         (ctx, rx)
     }
@@ -67,6 +71,57 @@ impl CollectorContext {
             .send(intake)
             .await
             .map_err(|_| CollectorError::SpoolClosed)
+    }
+}
+
+/// Read access to the source positions committed in the spool. A re-readable source loads its
+/// position when it starts, and sends the new one with the records read up to it.
+#[derive(Clone)]
+pub struct Positions(PositionSource);
+
+#[derive(Clone)]
+enum PositionSource {
+    Spool(crate::spool::Spool),
+    Memory(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>),
+}
+
+impl Positions {
+    pub fn from_spool(spool: crate::spool::Spool) -> Positions {
+        Positions(PositionSource::Spool(spool))
+    }
+
+    /// Positions kept in memory, for tests.
+    pub fn in_memory() -> Positions {
+        Positions(PositionSource::Memory(Default::default()))
+    }
+
+    /// Sets a position (in-memory positions only; the spool's change only by commits).
+    pub fn set_in_memory(&self, source: &str, position: Vec<u8>) {
+        if let PositionSource::Memory(m) = &self.0 {
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(source.to_string(), position);
+        }
+    }
+
+    /// The last committed position of `source`.
+    pub async fn load(&self, source: &str) -> Result<Option<Vec<u8>>, CollectorError> {
+        match &self.0 {
+            PositionSource::Spool(spool) => {
+                let (spool, source) = (spool.clone(), source.to_string());
+                tokio::task::spawn_blocking(move || spool.position(&source))
+                    .await
+                    .map_err(|e| CollectorError::Source(format!("position read panicked: {e}")))?
+                    .map_err(|e| {
+                        CollectorError::Source(format!("cannot read the stored position: {e}"))
+                    })
+            }
+            PositionSource::Memory(m) => Ok(m
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(source)
+                .cloned()),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! counted, and restarted after an exponential backoff with jitter. A run that lasted
 //! [`HEALTHY_RUN`] resets the backoff, so a collector that fails once a day restarts fast.
 
-use super::{CollectorConfig, CollectorContext};
+use super::{CollectorConfig, CollectorContext, Positions};
 use crate::backoff::Backoff;
 use crate::spool::Intake;
 use std::sync::Arc;
@@ -31,6 +31,7 @@ pub fn spawn_all(
     configs: &[CollectorConfig],
     intake: &mpsc::Sender<Intake>,
     shutdown: &CancellationToken,
+    positions: &Positions,
     tracker: &TaskTracker,
 ) -> Vec<Arc<CollectorStats>> {
     let mut stats = Vec::new();
@@ -39,6 +40,7 @@ pub fn spawn_all(
             name: config.name().to_string(),
             intake: intake.clone(),
             shutdown: shutdown.clone(),
+            positions: positions.clone(),
         };
         let s = Arc::new(CollectorStats {
             name: ctx.name.clone(),

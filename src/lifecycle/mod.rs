@@ -76,7 +76,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let collectors_stop = shutdown.child_token();
     let tracker = TaskTracker::new();
-    let started = supervisor::spawn_all(&config.collectors, &intake, &collectors_stop, &tracker);
+    let positions = crate::collectors::Positions::from_spool(spool.clone());
+    let started = supervisor::spawn_all(
+        &config.collectors,
+        &intake,
+        &collectors_stop,
+        &positions,
+        &tracker,
+    );
     tracker.close();
     info!(collectors = started.len(), "Collectors running.");
     drop(intake);

@@ -48,11 +48,14 @@ pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamStats}
 use crate::record::Reading;
 
 /// What a collector hands to the spool in one send.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Default)]
 pub struct Intake {
     pub readings: Vec<Reading>,
     /// A source position committed in the same batch as `readings`.
     pub checkpoint: Option<Checkpoint>,
+    /// Told `true` once `readings` (and `checkpoint`) are accepted, `false` if the commit
+    /// failed. Lets a sender act only on durable data (e.g. acknowledge a command).
+    pub committed: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 /// A re-readable source's position (e.g. inode and byte offset), stored atomically with the
@@ -67,8 +70,22 @@ impl Intake {
     pub fn reading(reading: Reading) -> Intake {
         Intake {
             readings: vec![reading],
-            checkpoint: None,
+            ..Intake::default()
         }
+    }
+
+    /// An intake whose commit is reported on the returned receiver.
+    pub fn with_receipt(
+        readings: Vec<Reading>,
+        checkpoint: Option<Checkpoint>,
+    ) -> (Intake, tokio::sync::oneshot::Receiver<bool>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let intake = Intake {
+            readings,
+            checkpoint,
+            committed: Some(tx),
+        };
+        (intake, rx)
     }
 }
 

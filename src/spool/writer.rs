@@ -49,18 +49,28 @@ pub async fn run(
             if r.is_err() {
                 s.note_failed(&group);
             }
-            r
+            (r, group)
         })
         .await;
         match result {
-            Ok(Ok(summary)) => debug!(
-                accepted = summary.accepted,
-                evicted = summary.evicted,
-                dropped = summary.dropped,
-                "Committed a group."
-            ),
-            Ok(Err(e)) => {
-                error!(error = %e, readings, "Cannot commit readings to the spool; they are lost and will be reported on ferry.loss.")
+            Ok((r, group)) => {
+                let ok = r.is_ok();
+                match r {
+                    Ok(summary) => debug!(
+                        accepted = summary.accepted,
+                        evicted = summary.evicted,
+                        dropped = summary.dropped,
+                        "Committed a group."
+                    ),
+                    Err(e) => {
+                        error!(error = %e, readings, "Cannot commit readings to the spool; they are lost and will be reported on ferry.loss.")
+                    }
+                }
+                for intake in group {
+                    if let Some(tx) = intake.committed {
+                        let _ = tx.send(ok);
+                    }
+                }
             }
             Err(e) => error!(error = %e, readings, "The spool commit panicked; readings lost."),
         }
