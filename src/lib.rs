@@ -14,6 +14,8 @@
 //! Beside them:
 //!
 //! - [`config`]: the YAML file, parsed and validated into a frozen runtime form.
+//! - [`commands`]: the command topic: requests decoded, recorded, run at most once, replied to
+//!   through the spool.
 //! - [`lifecycle`]: start-up order, signals, logging, systemd notification and shutdown phases.
 //! - [`record`]: the record model shared by every part.
 //!
@@ -21,6 +23,7 @@
 
 pub mod backoff;
 pub mod collectors;
+pub mod commands;
 pub mod config;
 pub mod lifecycle;
 pub mod record;

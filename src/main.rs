@@ -76,7 +76,7 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(lifecycle::run(config)) {
+    match runtime.block_on(lifecycle::run(config, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{:#}", anyhow::Error::from(e));

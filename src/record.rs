@@ -12,6 +12,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Stream on which the spool reports every record it had to drop, with the reason.
 pub const LOSS_STREAM: &str = "ferry.loss";
 
+/// Stream of command replies; published one reply per message on the replies topic, ahead of
+/// every other stream.
+pub const COMMANDS_STREAM: &str = "commands";
+
 /// One named value of a reading. Numbers stay numbers on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Value {

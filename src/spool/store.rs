@@ -9,7 +9,7 @@ use super::chunk::{self, Header};
 use super::keys;
 use super::{Checkpoint, Intake, SpoolError};
 use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
-use crate::record::{Body, LOSS_STREAM, Reading, Record, Value, now_ms};
+use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, Record, Value, now_ms};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -508,13 +508,18 @@ impl Spool {
             let start = cursors.get(&sid).map_or(0, |c| c + 1);
             tree.range(keys::chunk(sid, start)..keys::chunk(sid, readable))
         };
+        // Command replies first; then the stream whose next chunk is oldest.
         let mut pick: Option<(u32, String, u64)> = None;
         for (sid, name) in streams {
             if let Some(item) = range(sid).next() {
                 let (k, _) = item?;
                 let cid = keys::chunk_id(&k).expect("chunk key");
-                if pick.as_ref().is_none_or(|p| cid < p.2) {
+                let urgent = name == COMMANDS_STREAM;
+                if urgent || pick.as_ref().is_none_or(|p| cid < p.2) {
                     pick = Some((sid, name, cid));
+                }
+                if urgent {
+                    break;
                 }
             }
         }
@@ -528,7 +533,12 @@ impl Spool {
             full: false,
         };
         let (mut records, mut bytes) = (0usize, 0usize);
+        let one_chunk = batch.stream == COMMANDS_STREAM;
         for item in range(sid) {
+            if one_chunk && !batch.chunks.is_empty() {
+                batch.full = true;
+                break;
+            }
             let (k, v) = item?;
             let (h, recs) = chunk::decode(&v)?;
             let size = k.len() + v.len();
@@ -613,6 +623,39 @@ impl Spool {
         }
     }
 
+    /// Commit time of the oldest stored chunk of each stream.
+    pub fn oldest_committed_ms(&self) -> HashMap<String, u64> {
+        let streams: Vec<(u32, String)> = {
+            let state = self.lock();
+            state
+                .metas
+                .iter()
+                .filter(|(_, m)| m.chunks > 0)
+                .map(|(id, m)| (*id, m.name.clone()))
+                .collect()
+        };
+        let mut out = HashMap::new();
+        for (sid, name) in streams {
+            let head = self
+                .inner
+                .tree
+                .range(keys::chunk(sid, 0)..=keys::chunk(sid, u64::MAX))
+                .next();
+            if let Some(Ok((_, v))) = head
+                && let Ok(h) = chunk::header(&v)
+            {
+                out.insert(name, h.committed_ms);
+            }
+        }
+        out
+    }
+
+    /// Another tree in the spool's database, for state that must be durable with the same
+    /// guarantees (e.g. the command ledger). Flushing the spool flushes it too.
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, SpoolError> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
     /// Flushes everything, including lazy deletions. Called at shutdown.
     pub fn flush(&self) -> Result<(), SpoolError> {
         self.inner.db.flush()?;
@@ -674,6 +717,12 @@ fn pack<'a>(
     let mut buf = Vec::new();
     let mut count = 0u64;
     let mut first_seq = meta.next_seq;
+    // Replies go out one per message, so each is its own chunk (the unit of acknowledgement).
+    let max_records = if meta.name == COMMANDS_STREAM {
+        1
+    } else {
+        settings.chunk_max_records
+    };
     let mut flush = |buf: &mut Vec<u8>,
                      count: &mut u64,
                      first_seq: &mut u64,
@@ -717,7 +766,7 @@ fn pack<'a>(
         }
         count += 1;
         meta.next_seq += 1;
-        if count as usize >= settings.chunk_max_records {
+        if count as usize >= max_records {
             flush(&mut buf, &mut count, &mut first_seq, meta, global);
         }
     }

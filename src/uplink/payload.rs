@@ -96,6 +96,22 @@ pub fn encode(
     (out, used)
 }
 
+/// A command reply (a record of the `commands` stream, whose line is the reply object) as the
+/// message published on the replies topic: the reply with `seq`, `device` and `boot` added.
+pub fn encode_reply(origin: &Origin, record: &Record) -> Vec<u8> {
+    let mut reply = match &record.body {
+        Body::Line(l) => serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|_| serde_json::json!({ "raw": l })),
+        Body::Fields(_) => serde_json::json!({}),
+    };
+    if let Some(obj) = reply.as_object_mut() {
+        obj.insert("seq".into(), record.seq.into());
+        obj.insert("device".into(), origin.device.clone().into());
+        obj.insert("boot".into(), origin.boot.clone().into());
+    }
+    reply.to_string().into_bytes()
+}
+
 fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     serde_json::to_writer(&mut *out, v).expect("serializing to a Vec cannot fail");
 }
