@@ -23,6 +23,7 @@
 pub mod control;
 pub mod logging;
 pub mod signals;
+pub mod watchdog;
 
 use crate::collectors::Positions;
 use crate::collectors::supervisor::Supervisor;
@@ -44,6 +45,8 @@ use tracing::{error, info, warn};
 const COLLECTOR_STOP_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the writer gets to commit what was handed over.
 const WRITER_DEADLINE: Duration = Duration::from_secs(10);
+/// How often STATUS= is refreshed when systemd's watchdog is off.
+const STATUS_PERIOD: Duration = Duration::from_secs(10);
 /// Command publishes waiting for the command service; beyond this they are not acknowledged
 /// and the broker redelivers them after a reconnect.
 const COMMAND_QUEUE: usize = 32;
@@ -100,11 +103,13 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
     info!(dir = %config.spool.dir.display(), records = stats.records, bytes = stats.bytes, "Spool opened.");
 
     let (intake, intake_rx) = writer::channel();
+    let writer_beat = watchdog::Heartbeat::new("spool writer");
     let writer_task = tokio::spawn(writer::run(
         spool.clone(),
         intake_rx,
         config.spool.flush_interval,
         config.spool.flush_max_records,
+        writer_beat.clone(),
     ));
 
     let uplink_stop = CancellationToken::new();
@@ -138,6 +143,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
             acks: acks_rx,
         });
     }
+    let heartbeats = vec![writer_beat, uplink.heartbeat()];
     let uplink_task = tokio::spawn(uplink.run());
 
     let mut supervisor = Supervisor::new(
@@ -160,10 +166,15 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
         started: Instant::now(),
     };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // Ping at half the watchdog period; without a watchdog, refresh STATUS= every 10 s.
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut ping = tokio::time::interval(watchdog.map_or(STATUS_PERIOD, |w| w / 2));
+    let stale_after = watchdog.map_or(STATUS_PERIOD * 3, |w| w / 2);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(req) = requests.recv() => running.serve(req).await,
+            _ = ping.tick() => running.notify_alive(&heartbeats, watchdog.is_some(), stale_after),
         }
     }
     info!("Shutting down.");
@@ -210,6 +221,34 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
 }
 
 impl Running {
+    /// Sends STATUS= and, while every critical task is alive, WATCHDOG=1.
+    fn notify_alive(&self, beats: &[watchdog::Heartbeat], watchdog: bool, stale_after: Duration) {
+        let stats = self.spool.stats();
+        let link = if self.uplink_stats.connected.load(Ordering::Relaxed) {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        let status = format!(
+            "{link} to {}:{}; spool {} records, {} bytes",
+            self.config.uplink.host, self.config.uplink.port, stats.records, stats.bytes
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+        if !watchdog {
+            return;
+        }
+        match watchdog::stalled(beats, stale_after) {
+            None => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Some(b) => error!(
+                task = b.name(),
+                stalled_s = b.age().as_secs(),
+                "A task is stuck; not pinging the watchdog, so systemd restarts ferry."
+            ),
+        }
+    }
+
     async fn serve(&mut self, req: Request) {
         match req {
             Request::Reload(reply) => {

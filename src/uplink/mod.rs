@@ -23,6 +23,7 @@ pub mod tls;
 
 use crate::backoff::Backoff;
 use crate::config::UplinkSettings;
+use crate::lifecycle::watchdog::{Heartbeat, TICK};
 use crate::record::{COMMANDS_STREAM, now_ms};
 use crate::spool::Spool;
 use inflight::{Bind, Inflight, Tag};
@@ -127,6 +128,7 @@ pub struct Uplink {
     stats: Arc<UplinkStats>,
     commands: Option<CommandLink>,
     flush: Arc<Notify>,
+    heartbeat: Heartbeat,
 }
 
 impl Uplink {
@@ -144,7 +146,13 @@ impl Uplink {
             stats: Arc::new(UplinkStats::default()),
             commands: None,
             flush: Arc::new(Notify::new()),
+            heartbeat: Heartbeat::new("uplink"),
         }
+    }
+
+    /// The heartbeat this task keeps fresh while it is not stuck.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// Subscribes to the command topic and hands command publishes to `link`.
@@ -224,7 +232,7 @@ impl Uplink {
             last_error = error;
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.heartbeat.sleep(delay) => {}
                 r = self.settings.changed() => if r.is_ok() { backoff.reset(); },
             }
         }
@@ -259,8 +267,10 @@ impl Uplink {
 
         // CONNECT / CONNACK.
         let deadline = Instant::now() + options::connect_deadline(s);
+        let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
+                _ = tick.tick() => self.heartbeat.touch(),
                 _ = self.shutdown.cancelled() => return EpochEnd::Shutdown,
                 _ = tokio::time::sleep_until(deadline) => return failed("timed out waiting for the broker's CONNACK", false),
                 ev = events.recv() => match ev {
@@ -314,6 +324,7 @@ impl Uplink {
                 break;
             }
             tokio::select! {
+                _ = tick.tick() => self.heartbeat.touch(),
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     debug!(in_flight = inflight.data_len(), "Shutdown: waiting for outstanding PUBACKs.");
                     draining = Some(Instant::now() + s.shutdown_grace);
