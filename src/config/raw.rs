@@ -12,6 +12,12 @@ pub struct RawConfig {
     /// Log level when `RUST_LOG` is not set: error, warn, info, debug or trace.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Unix socket `ferry status` talks to; `ferry.sock` beside the spool directory when missing.
+    #[serde(default)]
+    pub status_socket: Option<String>,
+    /// How often the agent reports its own figures on the `ferry.self` stream; 0 turns it off.
+    #[serde(default = "defaults::self_metrics_interval_ms")]
+    pub self_metrics_interval_ms: u64,
     pub spool: RawSpool,
     pub uplink: RawUplink,
     /// The command channel; on with the built-in commands when missing.
@@ -224,6 +230,9 @@ pub enum ParamKind {
 pub mod defaults {
     pub fn yes() -> bool {
         true
+    }
+    pub fn self_metrics_interval_ms() -> u64 {
+        60_000
     }
     pub fn ledger_max_entries() -> u64 {
         1000

@@ -14,6 +14,9 @@ pub struct Config {
     pub source: PathBuf,
     pub device_id: String,
     pub log_level: Option<String>,
+    pub status_socket: PathBuf,
+    /// Zero when self-metrics are off.
+    pub self_metrics_interval: Duration,
     pub spool: SpoolSettings,
     pub uplink: UplinkSettings,
     pub commands: CommandSettings,
@@ -203,6 +206,20 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
     };
 
     let commands = validate_commands(&mut c, &raw.commands, base);
+    let status_socket = match raw.status_socket.as_deref() {
+        Some(p) if !p.is_empty() => resolve(base, p),
+        _ => default_status_socket(&spool.dir),
+    };
+    let self_metrics = if raw.self_metrics_interval_ms == 0 {
+        0
+    } else {
+        c.range(
+            "self_metrics_interval_ms",
+            raw.self_metrics_interval_ms,
+            1000,
+            86_400_000,
+        )
+    };
 
     let mut collectors = Vec::new();
     let mut names = std::collections::HashSet::new();
@@ -242,6 +259,8 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
         source: source.to_path_buf(),
         device_id,
         log_level: raw.log_level,
+        status_socket,
+        self_metrics_interval: Duration::from_millis(self_metrics),
         spool,
         uplink,
         commands,
@@ -365,6 +384,13 @@ fn validate_commands(c: &mut Checker, r: &RawCommands, base: &Path) -> CommandSe
         ledger_max_age: Duration::from_secs(max_age),
         actions,
     }
+}
+
+/// `ferry.sock` in the directory that holds the spool directory.
+pub fn default_status_socket(spool_dir: &Path) -> PathBuf {
+    spool_dir
+        .parent()
+        .map_or_else(|| PathBuf::from("ferry.sock"), |p| p.join("ferry.sock"))
 }
 
 fn join(prefix: &str, path: &str) -> String {

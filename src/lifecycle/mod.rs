@@ -22,7 +22,9 @@
 
 pub mod control;
 pub mod logging;
+pub mod self_metrics;
 pub mod signals;
+pub mod status_socket;
 pub mod watchdog;
 
 use crate::collectors::Positions;
@@ -146,6 +148,25 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
     let heartbeats = vec![writer_beat, uplink.heartbeat()];
     let uplink_task = tokio::spawn(uplink.run());
 
+    let side_stop = CancellationToken::new();
+    let mut side_tasks = Vec::new();
+    if let Some(listener) = status_socket::bind(&config.status_socket).await {
+        side_tasks.push(tokio::spawn(status_socket::serve(
+            listener,
+            config.status_socket.clone(),
+            control.clone(),
+            side_stop.clone(),
+        )));
+    }
+    if !config.self_metrics_interval.is_zero() {
+        side_tasks.push(tokio::spawn(self_metrics::run(
+            control.clone(),
+            intake.clone(),
+            config.self_metrics_interval,
+            side_stop.clone(),
+        )));
+    }
+
     let mut supervisor = Supervisor::new(
         intake,
         Positions::from_spool(spool.clone()),
@@ -184,8 +205,12 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
     if !running.supervisor.stop_all(COLLECTOR_STOP_DEADLINE).await {
         warn!("Some collectors did not stop in time.");
     }
-    // 2. Command service, then the writer: it ends once every sender is gone and the channel is
-    //    drained.
+    // 2. Command service and side tasks, then the writer: it ends once every sender is gone and
+    //    the channel is drained.
+    side_stop.cancel();
+    for task in side_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     commands_stop.cancel();
     if let Some(task) = commands_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

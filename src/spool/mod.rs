@@ -43,7 +43,7 @@ pub mod keys;
 mod store;
 pub mod writer;
 
-pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamStats};
+pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamReport, StreamStats};
 
 use crate::record::Reading;
 

@@ -118,6 +118,20 @@ pub struct StreamStats {
     pub evicted: u64,
 }
 
+/// What `ferry spool inspect` shows for one stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamReport {
+    pub name: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub evicted: u64,
+    pub next_seq: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub oldest_ts_ms: Option<u64>,
+    pub newest_ts_ms: Option<u64>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpoolStats {
     pub records: u64,
@@ -648,6 +662,76 @@ impl Spool {
             }
         }
         out
+    }
+
+    /// Per-stream report for `ferry spool inspect`: counts, first and last seq, oldest and
+    /// newest sample time of what is stored.
+    pub fn inspect(&self) -> Result<Vec<StreamReport>, SpoolError> {
+        let metas: Vec<(u32, StreamMeta)> = {
+            let state = self.lock();
+            state.metas.iter().map(|(id, m)| (*id, m.clone())).collect()
+        };
+        let mut out = Vec::new();
+        for (sid, m) in metas {
+            let range = || {
+                self.inner
+                    .tree
+                    .range(keys::chunk(sid, 0)..=keys::chunk(sid, u64::MAX))
+            };
+            let first = range()
+                .next()
+                .transpose()?
+                .map(|(_, v)| chunk::decode(&v))
+                .transpose()?;
+            let last = range()
+                .next_back()
+                .transpose()?
+                .map(|(_, v)| chunk::decode(&v))
+                .transpose()?;
+            let (first_rec, last_rec) = (
+                first.as_ref().and_then(|(_, r)| r.first()),
+                last.as_ref().and_then(|(_, r)| r.last()),
+            );
+            out.push(StreamReport {
+                name: m.name.clone(),
+                records: m.records,
+                bytes: m.bytes,
+                evicted: m.evicted,
+                next_seq: m.next_seq,
+                first_seq: first_rec.map(|r| r.seq),
+                last_seq: last_rec.map(|r| r.seq),
+                oldest_ts_ms: first_rec.map(|r| r.ts_ms),
+                newest_ts_ms: last_rec.map(|r| r.ts_ms),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with every stored record of `stream`, oldest first, until it returns false.
+    /// Returns how many records were visited.
+    pub fn for_each_record(
+        &self,
+        stream: &str,
+        mut f: impl FnMut(&Record) -> bool,
+    ) -> Result<u64, SpoolError> {
+        let Some(sid) = self.lock().ids.get(stream).copied() else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for item in self
+            .inner
+            .tree
+            .range(keys::chunk(sid, 0)..=keys::chunk(sid, u64::MAX))
+        {
+            let (_, v) = item?;
+            for r in chunk::decode(&v)?.1 {
+                n += 1;
+                if !f(&r) {
+                    return Ok(n);
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Another tree in the spool's database, for state that must be durable with the same

@@ -59,6 +59,15 @@ impl Serialize for RecordRef<'_> {
     }
 }
 
+/// One record as a JSON line for `ferry spool export`: `{"stream","seq","ts","fields"|"line"}`.
+pub fn export_line(stream: &str, record: &Record) -> String {
+    let mut v = serde_json::to_value(RecordRef(record)).expect("a record serializes");
+    if let Some(o) = v.as_object_mut() {
+        o.insert("stream".into(), stream.into());
+    }
+    v.to_string()
+}
+
 /// Encodes the leading chunks of a batch that fit in `max_bytes` (always at least one).
 /// Returns the payload and how many chunks it holds.
 pub fn encode(
