@@ -213,3 +213,55 @@ async fn spool_inspect_and_export_on_a_spool_written_by_a_killed_ferry() {
     );
     assert!(agent.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_spool_is_moved_aside_reported_and_ferry_continues() {
+    let broker = Broker::start(BrokerOpts::default());
+    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig::new(dir.path(), broker.agent_port());
+    let mut agent = Agent::spawn(dir.path(), &cfg.render());
+    assert!(sub.wait_for_seq("system", 3, Duration::from_secs(15)).await);
+    assert!(agent.terminate().success());
+
+    // Damage the log: sled would silently open it empty and seqs would restart at 1.
+    let db = cfg.spool_dir.join("db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    std::fs::write(&db, vec![0xa5; len]).unwrap();
+    let floor = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        * 1000;
+    agent.start_again();
+    assert!(
+        sub.wait_until(Duration::from_secs(15), |s| s
+            .records("ferry.loss")
+            .iter()
+            .any(|l| l["fields"]["reason"] == "spool_corrupt"))
+            .await,
+        "no spool_corrupt loss record\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("The spool is corrupt: moved aside"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        sub.wait_until(Duration::from_secs(15), |s| s
+            .unique_seqs("system")
+            .iter()
+            .any(|q| *q >= floor))
+            .await,
+        "sampling did not continue above the old seqs\n{}",
+        agent.log()
+    );
+    let aside = std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with("spool.corrupt-")
+    });
+    assert!(aside, "the corrupt spool was not kept for forensics");
+    assert!(agent.terminate().success());
+}

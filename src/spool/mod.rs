@@ -66,6 +66,22 @@ pub struct Checkpoint {
     pub position: Vec<u8>,
 }
 
+impl SpoolError {
+    /// Whether the spool's files are damaged (as opposed to unreadable or locked).
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            SpoolError::Corrupt(_) => true,
+            SpoolError::Open { source, .. } => matches!(
+                source,
+                sled::Error::Corruption { .. }
+                    | sled::Error::Unsupported(_)
+                    | sled::Error::ReportableBug(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl Intake {
     pub fn reading(reading: Reading) -> Intake {
         Intake {

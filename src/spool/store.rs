@@ -38,7 +38,13 @@ struct StreamMeta {
 struct GlobalMeta {
     next_chunk_id: u64,
     next_stream_id: u32,
+    /// First seq of a new stream; above zero after a corrupt spool was replaced.
+    seq_floor: u64,
 }
+
+/// File written when a spool is created. A spool directory that has it but no counters in
+/// sled lost its data.
+const MARKER: &str = "ferry-spool";
 
 struct State {
     ids: HashMap<String, u32>,
@@ -195,10 +201,57 @@ impl Losses {
 impl Spool {
     /// Opens (or creates) the spool in `settings.dir`.
     pub fn open(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
+        match Self::open_inner(settings) {
+            Err(e) if e.is_corruption() => Self::quarantine(settings, &e),
+            other => other,
+        }
+    }
+
+    /// Moves a corrupt spool aside and starts a fresh one. Its streams' seqs start above any
+    /// the old spool can have used (at `now_ms * 1000`), so no seq is ever reused, and the loss
+    /// is reported on `ferry.loss`.
+    fn quarantine(settings: &SpoolSettings, why: &SpoolError) -> Result<Spool, SpoolError> {
+        let dir = &settings.dir;
+        let name = dir
+            .file_name()
+            .map_or_else(|| "spool".into(), |n| n.to_string_lossy().into_owned());
+        let target = dir.with_file_name(format!("{name}.corrupt-{}", now_ms()));
+        std::fs::rename(dir, &target).map_err(|e| {
+            error!(dir = %dir.display(), error = %e, "Cannot move the corrupt spool aside.");
+            SpoolError::Corrupt(format!("{why}; moving it aside failed: {e}"))
+        })?;
+        error!(dir = %dir.display(), moved_to = %target.display(), error = %why, "The spool is corrupt: moved aside, continuing on a fresh spool. Records it held are lost.");
+        let spool = Self::open_inner(settings)?;
+        {
+            let mut state = spool.lock();
+            state.global.seq_floor = now_ms().saturating_mul(1000);
+            spool
+                .inner
+                .tree
+                .insert(keys::GLOBAL, encode_meta(&state.global))?;
+        }
+        let loss = Reading::fields(
+            LOSS_STREAM,
+            vec![
+                ("reason".into(), Value::Str("spool_corrupt".into())),
+                (
+                    "quarantined".into(),
+                    Value::Str(target.display().to_string()),
+                ),
+                ("error".into(), Value::Str(why.to_string())),
+            ],
+        );
+        spool.commit(&[Intake::reading(loss)])?;
+        Ok(spool)
+    }
+
+    fn open_inner(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(&settings.dir).map_err(|source| SpoolError::CreateDir {
             dir: settings.dir.clone(),
             source,
         })?;
+        let marker = settings.dir.join(MARKER);
+        let existed = marker.exists();
         let config = sled::Config::new()
             .path(&settings.dir)
             .cache_capacity(settings.cache_bytes)
@@ -229,7 +282,24 @@ impl Spool {
         let tree = db.open_tree("spool")?;
         let global: GlobalMeta = match tree.get(keys::GLOBAL)? {
             Some(v) => decode_meta("global counters", &v)?,
-            None => GlobalMeta::default(),
+            // sled recovers a damaged log by dropping what it cannot read, silently: a spool
+            // that was used before but lost its counters would reuse seqs.
+            None if existed => {
+                return Err(SpoolError::Corrupt(
+                    "the spool's counters are gone (damaged or truncated files)".into(),
+                ));
+            }
+            None => {
+                tree.insert(keys::GLOBAL, encode_meta(&GlobalMeta::default()))?;
+                tree.flush()?;
+                std::fs::write(&marker, b"ferry spool\n")
+                    .and_then(|()| std::fs::File::open(&settings.dir)?.sync_all())
+                    .map_err(|source| SpoolError::CreateDir {
+                        dir: settings.dir.clone(),
+                        source,
+                    })?;
+                GlobalMeta::default()
+            }
         };
         let mut metas = BTreeMap::new();
         let mut ids = HashMap::new();
@@ -781,7 +851,7 @@ fn stream_id(
         id,
         StreamMeta {
             name: stream.to_string(),
-            next_seq: 1,
+            next_seq: global.seq_floor.max(1),
             ..StreamMeta::default()
         },
     );

@@ -314,3 +314,48 @@ fn dir_size(p: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+fn corrupt_and_reopen(damage: impl Fn(&std::path::Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(&dir.path().join("spool"), 1 << 30, FullPolicy::DropOldest);
+    {
+        let spool = Spool::open(&s).unwrap();
+        spool.commit(&intakes("a", 0..100)).unwrap();
+        spool.flush().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1100)); // sled's flusher releases the lock
+    damage(&s.dir);
+    let before = crate::record::now_ms() * 1000;
+    let spool = Spool::open(&s).expect("a corrupt spool is replaced, not an error");
+    let moved: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("spool.corrupt-")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "the corrupt spool is kept aside");
+    let losses = loss_records(&spool);
+    assert_eq!(losses.len(), 1);
+    assert_eq!(losses[0]["reason"], Value::Str("spool_corrupt".into()));
+    // New seqs are above anything the lost spool can have used.
+    spool.commit(&intakes("a", 0..1)).unwrap();
+    let a = drain(&spool).into_iter().find(|(s, _)| s == "a").unwrap().1;
+    assert!(a[0] >= before, "seq {} reused a low range", a[0]);
+}
+
+#[test]
+fn a_damaged_log_that_sled_silently_drops_is_detected_and_quarantined() {
+    corrupt_and_reopen(|dir| {
+        let db = dir.join("db");
+        let len = std::fs::metadata(&db).unwrap().len();
+        std::fs::write(&db, vec![0xff; len as usize]).unwrap();
+    });
+}
+
+#[test]
+fn an_unreadable_sled_config_is_quarantined() {
+    corrupt_and_reopen(|dir| std::fs::write(dir.join("conf"), b"\x00garbage\xff").unwrap());
+}
