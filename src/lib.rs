@@ -22,6 +22,7 @@
 //! `docs/ARCHITECTURE.md` describes how the parts fit and which contracts they keep.
 
 pub mod backoff;
+pub mod clock;
 pub mod collectors;
 pub mod commands;
 pub mod config;

@@ -6,6 +6,7 @@
 //! restarts and evictions), so a consumer can tell a gap (lost or evicted) from a duplicate
 //! (same stream and seq) without any help from the broker.
 
+pub use crate::clock::ClockState;
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,6 +48,8 @@ pub struct Reading {
 pub struct Record {
     pub seq: u64,
     pub ts_ms: u64,
+    /// Whether `ts_ms` came from a synchronised clock (see [`crate::clock`]).
+    pub clock: ClockState,
     pub body: Body,
 }
 

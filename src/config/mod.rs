@@ -14,8 +14,8 @@ mod settings;
 
 pub use raw::{FullPolicy, ParamKind};
 pub use settings::{
-    ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, CommandSettings,
-    Config, ParamSettings, SpoolSettings, TlsSettings, UplinkSettings,
+    ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, ClockSettings,
+    CommandSettings, Config, ParamSettings, SpoolSettings, TlsSettings, UplinkSettings,
 };
 
 use locate::{Locator, Position};

@@ -20,6 +20,9 @@ pub struct RawConfig {
     pub self_metrics_interval_ms: u64,
     pub spool: RawSpool,
     pub uplink: RawUplink,
+    /// How ferry decides whether the system clock can be trusted.
+    #[serde(default)]
+    pub clock: RawClock,
     /// The command channel; on with the built-in commands when missing.
     #[serde(default)]
     pub commands: RawCommands,
@@ -148,6 +151,26 @@ pub struct RawAuth {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawClock {
+    /// Trust the clock from the start (a gateway with a battery-backed real-time clock).
+    #[serde(default)]
+    pub assume_synced: bool,
+    /// File whose existence means "synchronised" (systemd-timesyncd's by default).
+    #[serde(default = "defaults::sync_marker")]
+    pub sync_marker: String,
+}
+
+impl Default for RawClock {
+    fn default() -> Self {
+        RawClock {
+            assume_synced: false,
+            sync_marker: defaults::sync_marker(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawCommands {
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
@@ -230,6 +253,9 @@ pub enum ParamKind {
 pub mod defaults {
     pub fn yes() -> bool {
         true
+    }
+    pub fn sync_marker() -> String {
+        crate::clock::DEFAULT_SYNC_MARKER.into()
     }
     pub fn self_metrics_interval_ms() -> u64 {
         60_000

@@ -15,12 +15,19 @@ pub struct Config {
     pub device_id: String,
     pub log_level: Option<String>,
     pub status_socket: PathBuf,
+    pub clock: ClockSettings,
     /// Zero when self-metrics are off.
     pub self_metrics_interval: Duration,
     pub spool: SpoolSettings,
     pub uplink: UplinkSettings,
     pub commands: CommandSettings,
     pub collectors: Vec<CollectorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClockSettings {
+    pub assume_synced: bool,
+    pub sync_marker: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -260,6 +267,10 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
         device_id,
         log_level: raw.log_level,
         status_socket,
+        clock: ClockSettings {
+            assume_synced: raw.clock.assume_synced,
+            sync_marker: PathBuf::from(&raw.clock.sync_marker),
+        },
         self_metrics_interval: Duration::from_millis(self_metrics),
         spool,
         uplink,

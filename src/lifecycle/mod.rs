@@ -27,6 +27,7 @@ pub mod signals;
 pub mod status_socket;
 pub mod watchdog;
 
+use crate::clock::{ClockSource, SystemClock};
 use crate::collectors::Positions;
 use crate::collectors::supervisor::Supervisor;
 use crate::commands::CommandService;
@@ -76,6 +77,41 @@ pub fn config_hash(path: &std::path::Path) -> String {
     }
 }
 
+/// How often the clock's sync state is checked.
+const CLOCK_CHECK: Duration = Duration::from_secs(5);
+
+/// Warns while the clock is not synchronised; once it is, corrects the timestamps of the
+/// records stamped before (see [`crate::clock`]).
+pub async fn watch_clock(clock: Arc<dyn ClockSource>, spool: Spool, stop: CancellationToken) {
+    if clock.synced() {
+        return;
+    }
+    warn!(
+        "The system clock is not known to be synchronised; records are flagged \"clock\": \"unsynced\" until it is."
+    );
+    let mut tick = tokio::time::interval(CLOCK_CHECK);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if clock.synced() {
+            let s = spool.clone();
+            match tokio::task::spawn_blocking(move || s.correct_clock()).await {
+                Ok(Ok(n)) => info!(
+                    corrected = n,
+                    "The system clock is synchronised; corrected the timestamps of stored records."
+                ),
+                Ok(Err(e)) => {
+                    error!(error = %e, "Cannot correct stored timestamps; they stay flagged unsynced.")
+                }
+                Err(e) => error!(error = %e, "Timestamp correction panicked."),
+            }
+            return;
+        }
+    }
+}
+
 /// The parts the lifecycle loop owns and changes at runtime.
 struct Running {
     config: Config,
@@ -103,6 +139,11 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
         .expect("spool open does not panic")?;
     let stats = spool.stats();
     info!(dir = %config.spool.dir.display(), records = stats.records, bytes = stats.bytes, "Spool opened.");
+    let clock: Arc<dyn ClockSource> = Arc::new(SystemClock::new(
+        config.clock.sync_marker.clone(),
+        config.clock.assume_synced,
+    ));
+    spool.set_clock(clock.clone());
 
     let (intake, intake_rx) = writer::channel();
     let writer_beat = watchdog::Heartbeat::new("spool writer");
@@ -158,6 +199,11 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
             side_stop.clone(),
         )));
     }
+    side_tasks.push(tokio::spawn(watch_clock(
+        clock,
+        spool.clone(),
+        side_stop.clone(),
+    )));
     if !config.self_metrics_interval.is_zero() {
         side_tasks.push(tokio::spawn(self_metrics::run(
             control.clone(),

@@ -8,6 +8,7 @@
 use super::chunk::{self, Header};
 use super::keys;
 use super::{Checkpoint, Intake, SpoolError};
+use crate::clock::{ClockSource, ClockState, SystemClock};
 use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
 use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, Record, Value, now_ms};
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,7 @@ struct Inner {
     /// Chunk ids below this are flushed and may be handed to the uplink.
     readable_below: AtomicU64,
     committed: tokio::sync::watch::Sender<u64>,
+    clock: std::sync::RwLock<Arc<dyn ClockSource>>,
 }
 
 /// Handle to the spool; cheap to clone.
@@ -328,6 +330,10 @@ impl Spool {
                     unreported_failures: BTreeMap::new(),
                 }),
                 committed,
+                clock: std::sync::RwLock::new(Arc::new(SystemClock::new(
+                    crate::clock::DEFAULT_SYNC_MARKER.into(),
+                    false,
+                ))),
             }),
         })
     }
@@ -336,6 +342,76 @@ impl Spool {
         // A panic while holding the lock would be a bug; the state is still consistent with
         // the tree because it is only updated after a batch was applied.
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets where commit times and clock states come from.
+    pub fn set_clock(&self, clock: Arc<dyn ClockSource>) {
+        *self.inner.clock.write().unwrap_or_else(|p| p.into_inner()) = clock;
+    }
+
+    fn clock(&self) -> Arc<dyn ClockSource> {
+        self.inner
+            .clock
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rewrites the timestamps of stored records stamped unsynced in the current kernel boot:
+    /// `ts = uptime_at_stamp + (wall_now - uptime_now)`, marked `Corrected`. Call once the
+    /// clock is synchronised. Returns how many records were corrected.
+    pub fn correct_clock(&self) -> Result<u64, SpoolError> {
+        let clock = self.clock();
+        if !clock.synced() {
+            return Ok(0);
+        }
+        let offset = clock.now_ms() as i64 - clock.uptime_ms() as i64;
+        let boot_now = clock.boot();
+        let mut state = self.lock();
+        let mut metas = state.metas.clone();
+        let mut batch = sled::Batch::default();
+        let mut corrected = 0;
+        for item in self.inner.tree.scan_prefix([keys::CHUNK]) {
+            let (k, v) = item?;
+            let (h, records) = chunk::decode(&v)?;
+            if !records
+                .iter()
+                .any(|r| matches!(r.clock, ClockState::Unsynced { boot, .. } if boot == boot_now))
+            {
+                continue;
+            }
+            let mut buf = Vec::with_capacity(v.len());
+            for r in &records {
+                let (ts, state) = match r.clock {
+                    ClockState::Unsynced { boot, uptime_ms } if boot == boot_now => {
+                        corrected += 1;
+                        (
+                            (uptime_ms as i64 + offset).max(0) as u64,
+                            ClockState::Corrected,
+                        )
+                    }
+                    other => (r.ts_ms, other),
+                };
+                chunk::encode_record(&mut buf, ts, state, &r.body);
+            }
+            let value = chunk::assemble(h, &buf);
+            let sid = u32::from_be_bytes(k[1..5].try_into().expect("chunk key has a stream id"));
+            if let Some(m) = metas.get_mut(&sid) {
+                m.bytes = m.bytes + value.len() as u64 - v.len() as u64;
+            }
+            batch.insert(k, value);
+        }
+        if corrected == 0 {
+            return Ok(0);
+        }
+        for (sid, meta) in &metas {
+            batch.insert(&keys::stream(*sid), encode_meta(meta));
+        }
+        self.inner.tree.apply_batch(batch)?;
+        state.metas = metas;
+        drop(state);
+        self.inner.tree.flush()?;
+        Ok(corrected)
     }
 
     /// Watch that changes whenever newly flushed chunks become readable.
@@ -369,6 +445,7 @@ impl Spool {
         }
 
         let committed_ms = now_ms();
+        let clock = self.clock();
         let mut new_chunks: Vec<NewChunk> = Vec::new();
         for (stream, readings) in &by_stream {
             let stream: &str = stream;
@@ -378,7 +455,9 @@ impl Spool {
                 sid,
                 meta,
                 &mut global,
-                readings.iter().map(|r| (r.ts_ms, &r.body)),
+                readings
+                    .iter()
+                    .map(|r| (r.ts_ms, clock.stamp(r.ts_ms), &r.body)),
                 committed_ms,
                 settings,
                 &mut new_chunks,
@@ -482,7 +561,9 @@ impl Spool {
                 sid,
                 meta,
                 &mut global,
-                loss_readings.iter().map(|(ts, b)| (*ts, b)),
+                loss_readings
+                    .iter()
+                    .map(|(ts, b)| (*ts, clock.stamp(*ts), b)),
                 committed_ms,
                 settings,
                 &mut new_chunks,
@@ -863,7 +944,7 @@ fn pack<'a>(
     sid: u32,
     meta: &mut StreamMeta,
     global: &mut GlobalMeta,
-    records: impl Iterator<Item = (u64, &'a Body)>,
+    records: impl Iterator<Item = (u64, ClockState, &'a Body)>,
     committed_ms: u64,
     settings: &SpoolSettings,
     out: &mut Vec<NewChunk>,
@@ -909,9 +990,9 @@ fn pack<'a>(
         buf.clear();
         *count = 0;
     };
-    for (ts, body) in records {
+    for (ts, clock, body) in records {
         let before = buf.len();
-        chunk::encode_record(&mut buf, ts, body);
+        chunk::encode_record(&mut buf, ts, clock, body);
         if count > 0 && buf.len() > settings.chunk_max_bytes {
             // This record does not fit: close the chunk without it, then start a new one.
             let tail = buf.split_off(before);

@@ -359,3 +359,73 @@ fn a_damaged_log_that_sled_silently_drops_is_detected_and_quarantined() {
 fn an_unreadable_sled_config_is_quarantined() {
     corrupt_and_reopen(|dir| std::fs::write(dir.join("conf"), b"\x00garbage\xff").unwrap());
 }
+
+#[test]
+fn unsynced_records_are_flagged_then_corrected_after_sync() {
+    use crate::clock::{ClockState, ManualClock};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    // Booted in 1970: wall clock 10 s, 10 s of uptime.
+    let clock = ManualClock::new(10_000, 10_000, false);
+    spool.set_clock(clock.clone());
+    let sample = |ts| {
+        Intake::reading(Reading {
+            stream: "a".into(),
+            ts_ms: ts,
+            body: Body::Line("x".into()),
+        })
+    };
+    spool.commit(&[sample(10_000)]).unwrap();
+    clock.advance(5_000);
+    spool.commit(&[sample(15_000)]).unwrap();
+    let records = |spool: &Spool| {
+        let mut out = Vec::new();
+        spool
+            .for_each_record("a", |r| {
+                out.push((r.ts_ms, r.clock));
+                true
+            })
+            .unwrap();
+        out
+    };
+    assert_eq!(
+        records(&spool),
+        vec![
+            (
+                10_000,
+                ClockState::Unsynced {
+                    boot: 7,
+                    uptime_ms: 10_000
+                }
+            ),
+            (
+                15_000,
+                ClockState::Unsynced {
+                    boot: 7,
+                    uptime_ms: 15_000
+                }
+            ),
+        ]
+    );
+    // Nothing to correct while unsynced.
+    assert_eq!(spool.correct_clock().unwrap(), 0);
+    // NTP arrives 1 s later: the real time is 1.8e12 ms at uptime 16 s.
+    clock.advance(1_000);
+    clock.sync_to(1_800_000_000_000);
+    assert_eq!(spool.correct_clock().unwrap(), 2);
+    assert_eq!(
+        records(&spool),
+        vec![
+            (1_800_000_000_000 - 6_000, ClockState::Corrected),
+            (1_800_000_000_000 - 1_000, ClockState::Corrected),
+        ]
+    );
+    // Records stamped after the sync are plain synced ones; byte counters stay exact.
+    spool.commit(&[sample(1_800_000_000_500)]).unwrap();
+    assert_eq!(records(&spool)[2], (1_800_000_000_500, ClockState::Synced));
+    let stored: u64 = spool.stats().bytes;
+    drop(spool);
+    std::thread::sleep(Duration::from_millis(1100));
+    let reopened = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    assert_eq!(reopened.stats().bytes, stored);
+}

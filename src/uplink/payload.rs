@@ -10,7 +10,7 @@
 //! a consumer drops duplicates by (device, stream, seq) and sees a gap as a missing seq. `boot`
 //! changes at every start of the agent.
 
-use crate::record::{Body, Record, Value};
+use crate::record::{Body, ClockState, Record, Value};
 use crate::spool::ChunkData;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
@@ -48,9 +48,15 @@ struct RecordRef<'a>(&'a Record);
 impl Serialize for RecordRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.0;
-        let mut m = s.serialize_map(Some(3))?;
+        let mut m = s.serialize_map(None)?;
         m.serialize_entry("seq", &r.seq)?;
         m.serialize_entry("ts", &r.ts_ms)?;
+        // Only a doubtful timestamp costs bytes.
+        match r.clock {
+            ClockState::Synced => {}
+            ClockState::Unsynced { .. } => m.serialize_entry("clock", "unsynced")?,
+            ClockState::Corrected => m.serialize_entry("clock", "corrected")?,
+        }
         match &r.body {
             Body::Fields(f) => m.serialize_entry("fields", &FieldsRef(f))?,
             Body::Line(l) => m.serialize_entry("line", l)?,
@@ -138,6 +144,7 @@ mod tests {
                 .map(|i| Record {
                     seq: first_seq + i,
                     ts_ms: 1000 + i,
+                    clock: ClockState::Synced,
                     body: Body::Fields(vec![
                         ("x".into(), Value::F64(1.5)),
                         ("nan".into(), Value::F64(f64::NAN)),
@@ -189,6 +196,7 @@ mod tests {
             records: vec![Record {
                 seq: 5,
                 ts_ms: 1,
+                clock: ClockState::Corrected,
                 body: Body::Line("a \"quoted\" line".into()),
             }],
         };
