@@ -732,29 +732,41 @@ impl Spool {
     /// Deletes acknowledged chunks. Chunks already gone (evicted meanwhile, or acked twice)
     /// are skipped. Not flushed: a lost deletion only causes a resend.
     pub fn ack(&self, stream_id: u32, chunk_ids: &[u64]) -> Result<u64, SpoolError> {
+        self.ack_many(&[(stream_id, chunk_ids.to_vec())])
+    }
+
+    /// [`Spool::ack`] for several streams in one sled batch; returns the records deleted.
+    pub fn ack_many(&self, acked: &[(u32, Vec<u64>)]) -> Result<u64, SpoolError> {
         let mut state = self.lock();
-        let Some(mut meta) = state.metas.get(&stream_id).cloned() else {
-            return Ok(0);
-        };
         let mut batch = sled::Batch::default();
+        let mut changed: Vec<(u32, StreamMeta)> = Vec::new();
         let mut removed = 0;
-        for &cid in chunk_ids {
-            let key = keys::chunk(stream_id, cid);
-            if let Some(v) = self.inner.tree.get(key)? {
-                let h: Header = chunk::header(&v)?;
-                meta.records -= h.count as u64;
-                meta.bytes -= (v.len() + key.len()) as u64;
-                meta.chunks -= 1;
-                removed += h.count as u64;
-                batch.remove(&key);
+        for (stream_id, chunk_ids) in acked {
+            let Some(mut meta) = state.metas.get(stream_id).cloned() else {
+                continue;
+            };
+            let before = removed;
+            for &cid in chunk_ids {
+                let key = keys::chunk(*stream_id, cid);
+                if let Some(v) = self.inner.tree.get(key)? {
+                    let h: Header = chunk::header(&v)?;
+                    meta.records -= h.count as u64;
+                    meta.bytes -= (v.len() + key.len()) as u64;
+                    meta.chunks -= 1;
+                    removed += h.count as u64;
+                    batch.remove(&key);
+                }
+            }
+            if removed > before {
+                batch.insert(&keys::stream(*stream_id), encode_meta(&meta));
+                changed.push((*stream_id, meta));
             }
         }
-        if removed == 0 {
+        if changed.is_empty() {
             return Ok(0);
         }
-        batch.insert(&keys::stream(stream_id), encode_meta(&meta));
         self.inner.tree.apply_batch(batch)?;
-        state.metas.insert(stream_id, meta);
+        state.metas.extend(changed);
         Ok(removed)
     }
 
