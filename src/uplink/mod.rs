@@ -446,6 +446,11 @@ impl Uplink {
 
         let mut cursors: HashMap<u32, u64> = HashMap::new();
         let mut committed = self.spool.subscribe();
+        // rumqttc notices a dead link only when a ping finds the previous one unanswered (up to
+        // 2-3x keepalive). It pings every keepalive, so on a live link something arrives at
+        // least that often: silence for 1.5x keepalive means the link is gone.
+        let silence_limit = (!s.keepalive.is_zero()).then(|| s.keepalive * 3 / 2);
+        let mut last_rx = Instant::now();
         let mut linger_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
         let mut flush_now = false;
@@ -471,7 +476,14 @@ impl Uplink {
                 break;
             }
             tokio::select! {
-                _ = tick.tick() => self.heartbeat.touch(),
+                _ = tick.tick() => {
+                    self.heartbeat.touch();
+                    if let Some(limit) = silence_limit
+                        && last_rx.elapsed() > limit
+                    {
+                        return failed(format!("nothing received from the broker for {} s (1.5x keepalive): the link is dead", last_rx.elapsed().as_secs()), true);
+                    }
+                }
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     debug!(in_flight = inflight.data_len(), "Shutdown: waiting for outstanding PUBACKs.");
                     draining = Some(Instant::now() + s.shutdown_grace);
@@ -489,6 +501,9 @@ impl Uplink {
                 }
                 ev = events.recv() => match ev {
                     Some(Ok(ev)) => {
+                        if matches!(ev, Event::Incoming(_)) {
+                            last_rx = Instant::now();
+                        }
                         if let Err(end) = self.on_event(ctx, ev, &mut inflight, &client, link.as_deref_mut(), deletes).await {
                             return end;
                         }
