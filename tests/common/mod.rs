@@ -11,6 +11,8 @@
 //! - [`subscriber`]: an MQTT test client (rumqttc) that records everything it receives and
 //!   understands ferry's data and status messages.
 //! - [`agent`]: the real `ferry` binary as a child process, and its config builder.
+//! - [`proxy`]: a fault-injecting TCP proxy (cuts, blackhole, throttle, latency) to put between
+//!   the agent and the broker.
 //!
 //! Everything binds to 127.0.0.1 only. Child processes are killed on drop.
 //!
@@ -23,6 +25,7 @@ pub mod agent;
 pub mod broker;
 pub mod pki;
 pub mod ports;
+pub mod proxy;
 pub mod subscriber;
 
 use std::process::{Child, Command, ExitStatus, Stdio};
