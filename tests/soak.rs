@@ -15,10 +15,12 @@
 //! stream), delivered (distinct seqs at the subscriber), lost (must be 0), duplicates,
 //! reconnects ("Connected to the broker" in ferry's log), ferry's maximum RSS (VmHWM sampled
 //! every 250 ms and before every SIGKILL, over all its processes) and the spool directory's
-//! high-water mark. The test fails if anything was lost or ferry exited on its own.
+//! high-water mark, plus the causes of lost connections and ferry's ERROR lines. The test fails
+//! if anything was lost or ferry exited on its own. `SOAK_LOG=path` keeps ferry's log.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +33,7 @@ use common::subscriber::Subscriber;
 use tokio::time::Instant;
 
 const CONNECTED: &str = "Connected to the broker";
+const LOST: &str = "Connection lost";
 /// How often RSS and the spool's size are sampled.
 const SAMPLE: Duration = Duration::from_millis(250);
 /// How long the final drain may take (a throttled phase can leave a large backlog).
@@ -198,6 +201,23 @@ fn dir_size(p: &Path) -> (u64, u64) {
         })
 }
 
+/// "Connection lost" lines of ferry's log by error (digits masked), most frequent first.
+fn losses_by_error(log: &str) -> Vec<(usize, String)> {
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains(LOST)) {
+        let error = line.split(" error=").nth(1).unwrap_or("?");
+        let kind: String = error
+            .chars()
+            .map(|c| if c.is_ascii_digit() { '#' } else { c })
+            .take(90)
+            .collect();
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let mut v: Vec<(usize, String)> = kinds.into_iter().map(|(k, n)| (n, k)).collect();
+    v.sort_by(|a, b| b.cmp(a));
+    v
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -288,7 +308,15 @@ async fn soak() {
     let drained = stop_and_drain(&mut s.agent, &s.cfg, &s.sub, &s.streams, DRAIN_TIMEOUT).await;
     let drain_took = drain_start.elapsed();
     let log = s.agent.log();
+    if let Ok(path) = std::env::var("SOAK_LOG") {
+        std::fs::write(&path, &log).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
+    }
     let reconnects = log.matches(CONNECTED).count();
+    let losses: Vec<String> = losses_by_error(&log)
+        .into_iter()
+        .map(|(n, kind)| format!("\n                  {n:>4} x {kind}"))
+        .collect();
+    let error_lines = log.lines().filter(|l| l.contains(" ERROR ")).count();
     let t = &s.t;
     let dups = drained.duplicates();
     let left: u64 = drained.streams.iter().map(|x| x.left_in_spool).sum();
@@ -303,6 +331,8 @@ delivered:        {}  (distinct seqs at the subscriber)
 lost:             {}
 duplicates:       {}  ({:.2}% of {} received)
 reconnects:       {}  (\"{CONNECTED}\" in ferry's log, {} processes)
+connections lost: {}  (\"{LOST}\" in ferry's log, by error:){}
+ERROR lines in ferry's log: {error_lines}
 max RSS of ferry: {:.1} MiB  (VmHWM)
 spool disk high-water: {:.1} MiB allocated ({:.1} MiB apparent)
 left in spool: {left}, evicted: {evicted}, ferry.loss records: {}, ferry exited on its own: {} times, drain completed: {}
@@ -328,6 +358,8 @@ result: {}
         drained.received(),
         reconnects,
         t.processes + 1,
+        log.matches(LOST).count(),
+        losses.concat(),
         t.max_hwm_kib as f64 / 1024.0,
         mib(t.disk_high),
         mib(t.disk_high_apparent),

@@ -10,6 +10,7 @@
 #   tests/soak.sh [SECONDS]
 #   SOAK_SEED=N          replay a fault schedule (the seed is printed)
 #   SOAK_COLLECTORS=N    system collectors at 200 ms (default 8, about 40 records/s)
+#   SOAK_LOG=PATH        keep ferry's log (all its runs) there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
