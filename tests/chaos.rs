@@ -349,7 +349,7 @@ async fn saturated_slow_link_is_not_taken_for_a_dead_one() {
     let lost: Vec<&str> = log.lines().filter(|l| l.contains(LOST)).collect();
     assert!(
         lost.is_empty(),
-        "the link carried data all along, yet:\n{}",
+        "the link carried data all along, yet:\n{}\nferry log:\n{log}",
         lost.join("\n")
     );
     rig.drain_and_verify("saturated, keepalive 5 s").await;
