@@ -365,6 +365,7 @@ async fn five_sigkills_lose_nothing_the_spool_accepted() {
         tokio::time::sleep(ms(rng.u64(0..=500))).await;
         rig.agent().start_again();
     }
+    // Part of the schedule: the last process runs a while, so its own records are checked too.
     tokio::time::sleep(ms(1000)).await;
     rig.drain_and_verify("5 SIGKILLs").await;
 }
@@ -386,6 +387,7 @@ async fn three_graceful_broker_restarts_leave_no_gap() {
             rig.log()
         );
     }
+    // Part of the schedule: records flow over the last connection before the stop.
     tokio::time::sleep(ms(1000)).await;
     rig.drain_and_verify("3 broker restarts").await;
 }
