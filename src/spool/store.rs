@@ -53,7 +53,7 @@ struct State {
     global: GlobalMeta,
     /// Readings that could not be committed (storage error), per stream; reported on the loss
     /// stream by the next commit that succeeds.
-    unreported_failures: BTreeMap<String, u64>,
+    unreported_failures: BTreeMap<(String, &'static str), u64>,
 }
 
 impl State {
@@ -422,6 +422,7 @@ impl Spool {
     /// Commits a group of intakes: assigns seqs, packs chunks, applies the byte cap, writes one
     /// batch and flushes it. When this returns `Ok`, every stored record is accepted.
     pub fn commit(&self, group: &[Intake]) -> Result<CommitSummary, SpoolError> {
+        self.check_space(group)?;
         let settings = &self.inner.settings;
         let mut state = self.lock();
         let mut metas = state.metas.clone();
@@ -542,13 +543,13 @@ impl Spool {
                 )
             })
             .collect();
-        for (stream, count) in &state.unreported_failures {
+        for ((stream, reason), count) in &state.unreported_failures {
             loss_readings.push((
                 committed_ms,
                 Body::Fields(vec![
                     ("stream".into(), Value::Str(stream.clone())),
                     ("count".into(), Value::U64(*count)),
-                    ("reason".into(), Value::Str("spool_write_failed".into())),
+                    ("reason".into(), Value::Str((*reason).into())),
                 ]),
             ));
         }
@@ -604,15 +605,43 @@ impl Spool {
     }
 
     /// Remembers readings that could not be committed, to report them on the loss stream with
-    /// the next successful commit.
-    pub fn note_failed(&self, group: &[Intake]) {
+    /// the next successful commit (reason `disk_full` or `spool_write_failed`).
+    pub fn note_failed(&self, group: &[Intake], error: &SpoolError) {
+        let reason = match error {
+            SpoolError::DiskFull { .. } => "disk_full",
+            _ => "spool_write_failed",
+        };
         let mut state = self.lock();
         for r in group.iter().flat_map(|i| &i.readings) {
             *state
                 .unreported_failures
-                .entry(r.stream.clone())
+                .entry((r.stream.clone(), reason))
                 .or_default() += 1;
         }
+    }
+
+    /// Refuses to write when the spool's filesystem has less than `min_free_bytes` (plus what
+    /// this group needs) free. sled poisons its database on the first ENOSPC until it is
+    /// reopened, so running out must never reach sled.
+    fn check_space(&self, group: &[Intake]) -> Result<(), SpoolError> {
+        let reserve = self.inner.settings.min_free_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let Ok(st) = nix::sys::statvfs::statvfs(&self.inner.settings.dir) else {
+            return Ok(());
+        };
+        let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
+        // sled writes about twice what it stores.
+        let need: u64 = group
+            .iter()
+            .flat_map(|i| &i.readings)
+            .map(|r| 64 + 2 * body_size(&r.body))
+            .sum();
+        if free < reserve + need {
+            return Err(SpoolError::DiskFull { free, reserve });
+        }
+        Ok(())
     }
 
     /// The oldest stored chunk of any stream but `skip`, after the per-stream `from` bounds.
@@ -916,6 +945,14 @@ impl Spool {
             error!(error = %e, "Cannot measure the spool's size on disk.");
             0
         })
+    }
+}
+
+/// Rough encoded size of a body, for the free-space check.
+fn body_size(body: &Body) -> u64 {
+    match body {
+        Body::Line(l) => l.len() as u64,
+        Body::Fields(f) => f.iter().map(|(k, _)| k.len() as u64 + 9).sum(),
     }
 }
 
