@@ -631,6 +631,8 @@ impl Spool {
         let Ok(st) = nix::sys::statvfs::statvfs(&self.inner.settings.dir) else {
             return Ok(());
         };
+        // The statvfs field types are 32-bit on armhf, 64-bit here.
+        #[allow(clippy::useless_conversion)]
         let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
         // sled writes about twice what it stores.
         let need: u64 = group
