@@ -690,15 +690,7 @@ impl Spool {
         if readable == 0 {
             return Ok(None);
         }
-        let streams: Vec<(u32, String)> = {
-            let state = self.lock();
-            state
-                .metas
-                .iter()
-                .filter(|(_, m)| m.chunks > 0)
-                .map(|(id, m)| (*id, m.name.clone()))
-                .collect()
-        };
+        let streams = self.streams_with_data();
         let tree = &self.inner.tree;
         let range = |sid: u32| {
             let start = cursors.get(&sid).map_or(0, |c| c + 1);
@@ -831,17 +823,20 @@ impl Spool {
         }
     }
 
+    /// Id and name of every stream that has stored chunks.
+    fn streams_with_data(&self) -> Vec<(u32, String)> {
+        let state = self.lock();
+        state
+            .metas
+            .iter()
+            .filter(|(_, m)| m.chunks > 0)
+            .map(|(id, m)| (*id, m.name.clone()))
+            .collect()
+    }
+
     /// Commit time of the oldest stored chunk of each stream.
     pub fn oldest_committed_ms(&self) -> HashMap<String, u64> {
-        let streams: Vec<(u32, String)> = {
-            let state = self.lock();
-            state
-                .metas
-                .iter()
-                .filter(|(_, m)| m.chunks > 0)
-                .map(|(id, m)| (*id, m.name.clone()))
-                .collect()
-        };
+        let streams = self.streams_with_data();
         let mut out = HashMap::new();
         for (sid, name) in streams {
             let head = self
