@@ -82,3 +82,48 @@ async fn supervise(config: CollectorConfig, ctx: CollectorContext, stats: Arc<Co
     }
     info!(collector = %ctx.name, "Collector stopped.");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A serial collector on a device that does not exist fails at once, every time.
+    fn failing() -> CollectorConfig {
+        CollectorConfig::from_yaml(
+            serde_yaml::from_str("type: serial\nname: gone\npath: /nonexistent/ttyUSB7\n").unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_collector_is_restarted_with_backoff_and_counted() {
+        let (tx, _rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let stats = spawn_all(
+            &[failing()],
+            &tx,
+            &shutdown,
+            &Positions::in_memory(),
+            &tracker,
+        );
+        let start = tokio::time::Instant::now();
+        // Paused time: each backoff sleep is skipped as soon as everything else is idle.
+        while stats[0].restarts.load(Ordering::Relaxed) < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Four restarts: backoff ceilings 1 + 2 + 4 + 8 s at most (full jitter).
+        assert!(
+            start.elapsed() <= Duration::from_secs(16),
+            "{:?}",
+            start.elapsed()
+        );
+        // Backoff, not a busy loop: a minute of virtual time holds only a handful of restarts.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let restarts = stats[0].restarts.load(Ordering::Relaxed);
+        assert!((4..50).contains(&restarts), "{restarts} restarts");
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
