@@ -15,9 +15,9 @@
 //! # Following
 //!
 //! The file is polled every `poll_interval_ms` (no inotify: it works the same on every
-//! filesystem, and a poll of an idle file is one `stat`). Each poll reads up to `batch_lines`
-//! lines per intake and goes on at once while there is more. At the end of the file it checks
-//! the path:
+//! filesystem, and a poll of an idle file is two `stat`s and one 256-byte read). Each poll
+//! reads up to `batch_lines` lines per intake and goes on at once while there is more. Before
+//! reading it checks the open file for truncation; at the end of the file it checks the path:
 //!
 //! - **Not there yet** (first start, or between delete and re-create): wait. A file that
 //!   appears after the collector started is read from its beginning.
@@ -25,8 +25,9 @@
 //!   number reused: the open file then has no link left): the old file is read to its end
 //!   once more, an unterminated last line of it is taken as a line, then the new file is read
 //!   from 0.
-//! - **Same file, shorter than the offset, or a different head** (copytruncate): read again
-//!   from 0. A partial line before the truncation is dropped. Lines written between the last
+//! - **Open file shorter than the offset, or with a different head** (copytruncate; checked
+//!   before every read, so a file that grew back past the old offset is not read from
+//!   there): read again from 0. A partial line before the truncation is dropped. Lines written between the last
 //!   poll and the truncation exist only in the copy and are not seen; that loss is inherent in
 //!   copytruncate (prefer rename rotation).
 //!
@@ -331,6 +332,9 @@ impl Tailer {
             }
         }
         if self.current.is_some() {
+            // Before reading: a file truncated and written again past the old offset must not
+            // be read from that offset.
+            self.check_truncated()?;
             let at_end = self.read(&mut frames, max_lines)?;
             if at_end {
                 more = self.check_path(&mut frames)?;
@@ -373,8 +377,8 @@ impl Tailer {
         }
     }
 
-    /// At the end of the current file: has the path moved on, or the file shrunk? True if
-    /// the collector switched files and should read again at once.
+    /// At the end of the current file: is another file at the path now? True if the
+    /// collector switched files and should read again at once.
     fn check_path(&mut self, frames: &mut Vec<Frame>) -> Result<bool, FileError> {
         let cur = self
             .current
@@ -408,17 +412,31 @@ impl Tailer {
             }
             return Ok(true);
         }
-        let truncated = at_path.len() < cur.read_offset
+        Ok(false)
+    }
+
+    /// Restarts at 0 if the open file is shorter than the read offset or its head changed
+    /// (copytruncate, or rewritten in place).
+    fn check_truncated(&mut self) -> Result<(), FileError> {
+        let cur = self
+            .current
+            .as_mut()
+            .expect("check_truncated() with an open file");
+        let size = cur
+            .file
+            .metadata()
+            .map_err(|e| read_err(&cur.name, e))?
+            .len();
+        let truncated = size < cur.read_offset
             || !cur
                 .head_unchanged(cur.head)
                 .map_err(|e| read_err(&cur.name, e))?;
         if truncated {
-            info!(path = %self.path.display(), offset = cur.read_offset, size = at_path.len(), "File truncated; reading it from the start.");
+            info!(path = %cur.name.display(), offset = cur.read_offset, size, "File truncated; reading it from the start.");
             self.splitter.reset();
             cur.seek(0).map_err(|e| read_err(&cur.name, e))?;
-            return Ok(true);
         }
-        Ok(false)
+        Ok(())
     }
 }
 
