@@ -8,7 +8,6 @@ mod common;
 use common::agent::{Agent, AgentConfig};
 use common::broker::{Broker, BrokerOpts};
 use common::subscriber::Subscriber;
-use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
@@ -91,7 +90,7 @@ async fn poll_mode_reads_a_fake_sysfs_tree_by_glob_with_scale() {
         sub.wait_until(WAIT, |s| s
             .records("sensors")
             .iter()
-            .any(|r| r["fields"]["thermal_zone0.temp"] == Value::from(47.25)))
+            .any(|r| r["fields"]["thermal_zone0.temp"] == 47.25))
             .await,
         "log:\n{}",
         agent.log()

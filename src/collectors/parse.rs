@@ -266,7 +266,9 @@ fn regex_kind(
         Ok(re) => re,
         Err(e) => {
             // The regex crate's message spans several lines (pattern, caret, message).
-            let msg = e.to_string().lines().last().unwrap_or_default().to_string();
+            let msg = e.to_string();
+            let last = msg.lines().last().unwrap_or_default();
+            let msg = last.strip_prefix("error: ").unwrap_or(last).to_string();
             issues.push(Issue::new(
                 "pattern",
                 format!("does not compile: {}", msg.trim()),
@@ -414,10 +416,7 @@ fn flatten(
 
 fn parse_kv(text: &str, types: &BTreeMap<String, FieldType>) -> Result<Body, Malformed> {
     let mut fields = Vec::new();
-    for token in text
-        .split(|c: char| c == ' ' || c == '\t' || c == ',')
-        .filter(|t| !t.is_empty())
-    {
+    for token in text.split([' ', '\t', ',']).filter(|t| !t.is_empty()) {
         let Some((k, v)) = token.split_once('=') else {
             return Err(malformed(format!("{token:?} is not key=value")));
         };
@@ -695,7 +694,7 @@ mod tests {
     fn config_problems_are_named_by_key() {
         assert_eq!(
             issues("type: regex\npattern: '(?P<a>[0-9'"),
-            vec!["pattern: does not compile: error: unclosed character class"]
+            vec!["pattern: does not compile: unclosed character class"]
         );
         assert_eq!(
             issues("type: regex\npattern: '[0-9]+'\ntypes: {x: int}"),

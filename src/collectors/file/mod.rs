@@ -315,7 +315,7 @@ mod tests {
         );
         assert_eq!(
             issues("name: log\npath: /x\nformat: {type: regex, pattern: '('}\n"),
-            vec!["format.pattern: does not compile: error: unclosed group"]
+            vec!["format.pattern: does not compile: unclosed group"]
         );
         assert_eq!(
             issues("name: t\nmode: poll\n"),

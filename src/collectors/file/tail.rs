@@ -324,12 +324,12 @@ impl Tailer {
     pub fn step(&mut self, max_lines: usize) -> Result<Step, FileError> {
         let mut frames = Vec::new();
         let mut more = false;
-        if self.current.is_none() {
-            if let Some(file) = open_if_exists(&self.path)? {
-                info!(path = %self.path.display(), "File appeared; reading it from the start.");
-                self.current =
-                    Some(Open::new(file, &self.path, 0).map_err(|e| open_err(&self.path, e))?);
-            }
+        if self.current.is_none()
+            && let Some(file) = open_if_exists(&self.path)?
+        {
+            info!(path = %self.path.display(), "File appeared; reading it from the start.");
+            self.current =
+                Some(Open::new(file, &self.path, 0).map_err(|e| open_err(&self.path, e))?);
         }
         if self.current.is_some() {
             // Before reading: a file truncated and written again past the old offset must not
