@@ -42,9 +42,14 @@
 //!
 //! # Commit failures
 //!
-//! Every intake is sent with a receipt. If the spool reports a failed commit, the run ends
-//! with an error once everything already handed over is settled, and the supervisor restarts
-//! it from the last committed position: the lines are read again rather than lost.
+//! Every intake is sent with a receipt, and at most [`MAX_PENDING_INTAKES`] are unconfirmed.
+//! If the spool reports a failed commit, the run ends with an error once everything already
+//! handed over is settled, and the supervisor restarts it from the last committed position.
+//! When the later intakes failed too (the usual case: sled stays failed, e.g. on ENOSPC,
+//! until it is reopened) the lines are read again rather than lost. When a later intake did
+//! commit, its checkpoint is past the failed lines: they stay lost, and the spool reports them
+//! on `ferry.loss` as `spool_write_failed`. Waiting on every receipt before the next read
+//! would close that gap at the price of one commit interval per batch.
 
 use super::{FileConfig, FileError};
 use crate::collectors::lines::{Frame, LineSplitter};
