@@ -236,3 +236,47 @@ async fn serial_every_format_arrives_typed_and_skips_what_does_not_parse() {
     assert_eq!(f["gps.fix"], Value::from(3));
     assert_eq!(f["id"], Value::from("a"));
 }
+
+/// The real open path as an unprivileged user: socat's pty is owned by root with mode 0600,
+/// as /dev/ttyUSB0 (root:dialout 0660) is to a service user without group dialout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_names_the_missing_group() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The unprivileged agent creates its spool here.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pty = PtyPair::start(dir.path(), "ttyLOCKED");
+    let mut cfg = AgentConfig::new(dir.path(), common::ports::free_port());
+    cfg.collectors = vec![format!(
+        "type: serial\nname: locked\npath: {}",
+        pty.device.display()
+    )];
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(&config, cfg.render()).unwrap();
+    let log_path = dir.path().join("ferry.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(common::agent::ferry_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("setpriv (util-linux) runs");
+    let deadline = std::time::Instant::now() + WAIT;
+    let needle = "permission denied (is the user in group dialout?";
+    while !common::read_log(&log_path).contains(needle) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = common::read_log(&log_path);
+    common::kill_and_reap(&mut child);
+    assert!(text.contains(needle), "log:\n{text}");
+    assert!(
+        text.contains(&pty.device.display().to_string()),
+        "log:\n{text}"
+    );
+}

@@ -360,6 +360,27 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn tags_are_added_to_every_reading() {
+        let cfg: SystemConfig = serde_yaml::from_str(
+            "name: s\ninterval_ms: 200\ncpu: false\ndisks: false\nnetworks: false\ntemperatures: false\ntags: {site: north}\n",
+        )
+        .unwrap();
+        let (ctx, mut rx) = CollectorContext::new_test("s");
+        let shutdown = ctx.shutdown.clone();
+        let task = tokio::spawn(cfg.build().run(ctx));
+        let intake = rx.recv().await.unwrap();
+        let crate::record::Body::Fields(f) = &intake.readings[0].body else {
+            panic!("fields expected")
+        };
+        assert!(
+            f.contains(&("tag.site".into(), Value::Str("north".into()))),
+            "{f:?}"
+        );
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+
     #[test]
     fn interval_below_cpu_minimum_is_rejected() {
         let mut cfg = config();
