@@ -266,53 +266,58 @@ impl Tailer {
             }
             return Ok(t);
         };
-        // Is the stored file still at the path, or beside it under a rotated name?
-        let mut candidate = None;
+        // Is the stored file still at the path?
         if let Some(file) = at_path {
             let m = file.metadata().map_err(|e| open_err(&t.path, e))?;
             if (m.dev(), m.ino()) == (saved.dev, saved.ino) {
-                candidate = Some((file, t.path.clone(), m.len()));
-            } else {
-                let dir = t.path.parent().unwrap_or(Path::new("/"));
-                if let Some(rotated) = find_by_inode(dir, saved.dev, saved.ino)
-                    && let Some(f) = open_if_exists(&rotated)?
+                let mut open = Open::new(file, &t.path, 0).map_err(|e| open_err(&t.path, e))?;
+                if m.len() >= saved.offset
+                    && open
+                        .head_unchanged(saved.head)
+                        .map_err(|e| read_err(&t.path, e))?
                 {
-                    let len = f.metadata().map_err(|e| open_err(&rotated, e))?.len();
-                    candidate = Some((f, rotated, len));
+                    open.seek(saved.offset).map_err(|e| read_err(&t.path, e))?;
+                } else {
+                    info!(path = %t.path.display(), "The file was truncated or replaced while ferry was stopped; reading it from the start.");
                 }
-                if candidate.is_none() {
-                    warn!(path = %t.path.display(), offset = saved.offset, "The file followed before the restart is gone; lines written to it after the stored position are lost. Reading the new file from the start.");
-                    t.current =
-                        Some(Open::new(file, &t.path, 0).map_err(|e| open_err(&t.path, e))?);
-                    return Ok(t);
-                }
+                t.current = Some(open);
+                return Ok(t);
             }
-        } else {
-            let dir = t.path.parent().unwrap_or(Path::new("/"));
-            if let Some(rotated) = find_by_inode(dir, saved.dev, saved.ino)
-                && let Some(f) = open_if_exists(&rotated)?
-            {
-                let len = f.metadata().map_err(|e| open_err(&rotated, e))?.len();
-                candidate = Some((f, rotated, len));
-            }
+            t.current = Some(Open::new(file, &t.path, 0).map_err(|e| open_err(&t.path, e))?);
         }
-        if let Some((file, name, len)) = candidate {
-            let mut open = Open::new(file, &name, 0).map_err(|e| open_err(&name, e))?;
-            let same = len >= saved.offset
-                && open
-                    .head_unchanged(saved.head)
-                    .map_err(|e| read_err(&name, e))?;
-            if same {
-                open.seek(saved.offset).map_err(|e| read_err(&name, e))?;
-                if name != t.path {
-                    info!(path = %t.path.display(), rotated = %name.display(), "Finishing the rotated file before following the new one.");
-                }
-            } else {
-                info!(path = %name.display(), "The file was truncated or replaced while ferry was stopped; reading it from the start.");
-            }
-            t.current = Some(open);
+        // Rotated while ferry was stopped: finish the stored file under its new name first
+        // (the file at the path, if any, is opened again from 0 after it).
+        if let Some(rotated) = t.rotated(&saved)? {
+            info!(path = %t.path.display(), rotated = %rotated.name.display(), "Finishing the rotated file before following the new one.");
+            t.current = Some(rotated);
+        } else {
+            warn!(path = %t.path.display(), offset = saved.offset, "The file followed before the restart is gone; lines written to it after the stored position are lost. Following the file at the path from its start.");
         }
         Ok(t)
+    }
+
+    /// The stored file under another name in the same directory, positioned at the stored
+    /// offset, if it is still the same file (long enough, same head).
+    fn rotated(&self, saved: &Position) -> Result<Option<Open>, FileError> {
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        let Some(name) = find_by_inode(dir, saved.dev, saved.ino) else {
+            return Ok(None);
+        };
+        let Some(file) = open_if_exists(&name)? else {
+            return Ok(None);
+        };
+        let len = file.metadata().map_err(|e| open_err(&name, e))?.len();
+        let mut open = Open::new(file, &name, 0).map_err(|e| open_err(&name, e))?;
+        if len < saved.offset
+            || !open
+                .head_unchanged(saved.head)
+                .map_err(|e| read_err(&name, e))?
+        {
+            // Another file that got the inode number: not ours.
+            return Ok(None);
+        }
+        open.seek(saved.offset).map_err(|e| read_err(&name, e))?;
+        Ok(Some(open))
     }
 
     /// The position after the last complete line read.
@@ -695,6 +700,25 @@ mod tests {
         append(&path, "4\n");
         let mut t = Tailer::start(path.clone(), pos, StartAt::End, 1024).unwrap();
         assert_eq!(drain(&mut t).0, ["3", "4"]);
+    }
+
+    #[test]
+    fn an_unrelated_file_with_the_stored_inode_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        append(&path, "new 1\n");
+        // As if the stored file's inode number now belonged to another file beside it.
+        let other = dir.path().join("other.log");
+        append(&other, "not ours\n");
+        let m = std::fs::metadata(&other).unwrap();
+        let saved = Position {
+            dev: m.dev(),
+            ino: m.ino(),
+            offset: 3,
+            head: Head { len: 9, hash: 1 },
+        };
+        let mut t = Tailer::start(path.clone(), Some(saved), StartAt::End, 1024).unwrap();
+        assert_eq!(drain(&mut t).0, ["new 1"]);
     }
 
     #[test]
