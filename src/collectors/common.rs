@@ -9,7 +9,8 @@
 //!   through the same intake as the good readings, so the report is exactly as durable as they
 //!   are. Lines of one intake with the same reason are reported as one reading whose `count`
 //!   says how many, with the sample of the first; a burst of binary noise is a few loss
-//!   records, not thousands.
+//!   records, not thousands. The spool never evicts loss records, so a source that can send
+//!   garbage without end (serial) reports at most once per window ([`LossTally::drain_due`]).
 
 use crate::config::Issue;
 use crate::record::{Body, LOSS_STREAM, Reading, Value};
@@ -118,11 +119,13 @@ pub fn loss_reading(stream: &str, reason: LossReason, count: u64, sample: &[u8])
 /// How often at most a collector logs that it dropped input.
 const LOSS_LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// Counts unusable input until the next intake; see the module doc.
+/// Counts unusable input until it is reported; see the module doc.
 #[derive(Debug, Default)]
 pub struct LossTally {
     /// Per reason: count and the sample of the first occurrence.
     pending: BTreeMap<LossReason, (u64, Vec<u8>)>,
+    /// When the oldest unreported loss was noted.
+    since: Option<Instant>,
     /// Since the start of this run, for the log.
     total: u64,
     last_log: Option<Instant>,
@@ -136,6 +139,22 @@ impl LossTally {
             .or_insert_with(|| (0, sample[..sample.len().min(LOSS_SAMPLE_BYTES)].to_vec()));
         entry.0 += 1;
         self.total += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// When losses counted now should be reported at the latest, for a collector that
+    /// reports at most once per `window` (see [`LossTally::drain_due`]).
+    pub fn due_at(&self, window: Duration) -> Option<Instant> {
+        self.since.map(|t| t + window)
+    }
+
+    /// Like [`LossTally::drain_into`], but only once the oldest unreported loss is `window`
+    /// old: a source that can send garbage without end (a serial line) then makes at most one
+    /// loss record per reason and window, since loss records are never evicted from the spool.
+    pub fn drain_due(&mut self, stream: &str, out: &mut Vec<Reading>, window: Duration) {
+        if self.since.is_some_and(|t| t.elapsed() >= window) {
+            self.drain_into(stream, out);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -148,6 +167,7 @@ impl LossTally {
         if self.pending.is_empty() {
             return;
         }
+        self.since = None;
         for (reason, (count, sample)) in std::mem::take(&mut self.pending) {
             out.push(loss_reading(stream, reason, count, &sample));
         }
@@ -188,6 +208,21 @@ mod tests {
             panic!("fields")
         };
         assert_eq!(f[3], ("sample".into(), Value::Str("x".repeat(64))));
+    }
+
+    #[test]
+    fn windowed_reports_wait_for_the_window() {
+        let mut t = LossTally::default();
+        let mut out = Vec::new();
+        assert_eq!(t.due_at(Duration::from_secs(5)), None);
+        t.note(LossReason::Malformed, b"a");
+        t.note(LossReason::Malformed, b"b");
+        assert!(t.due_at(Duration::from_secs(5)).is_some());
+        t.drain_due("s", &mut out, Duration::from_secs(3600));
+        assert!(out.is_empty() && !t.is_empty());
+        t.drain_due("s", &mut out, Duration::ZERO);
+        assert_eq!(out.len(), 1);
+        assert!(t.is_empty() && t.due_at(Duration::ZERO).is_none());
     }
 
     #[test]

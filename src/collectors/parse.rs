@@ -516,9 +516,19 @@ impl LineDecoder {
         }
     }
 
-    /// Appends the loss readings counted since the last call.
+    /// Appends the loss readings counted since the last report.
     pub fn finish(&mut self, out: &mut Vec<Reading>) {
         self.tally.drain_into(&self.stream, out);
+    }
+
+    /// Appends the loss readings only if the oldest unreported one is `window` old.
+    pub fn finish_due(&mut self, out: &mut Vec<Reading>, window: std::time::Duration) {
+        self.tally.drain_due(&self.stream, out, window);
+    }
+
+    /// When unreported losses are due under `window`; `None` if there are none.
+    pub fn loss_due_at(&self, window: std::time::Duration) -> Option<std::time::Instant> {
+        self.tally.due_at(window)
     }
 }
 

@@ -23,12 +23,17 @@ use super::{Collector, CollectorContext, CollectorError, CollectorSpec, RunFutur
 use crate::config::Issue;
 use crate::spool::Intake;
 use serde::Deserialize;
+use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio_serial::SerialPortBuilderExt;
 use tracing::info;
 
 /// Bytes read from the port at once. A serial line at 115200 baud delivers about 11 KiB/s.
 const READ_BUFFER_BYTES: usize = 4096;
+/// Unusable input is reported on `ferry.loss` at most this often (one record per reason with
+/// a count): a line spewing noise for days must not fill the spool with loss records, which
+/// are never evicted.
+const LOSS_REPORT_WINDOW: Duration = Duration::from_secs(5);
 
 fn yes() -> bool {
     true
@@ -251,26 +256,51 @@ async fn run(config: SerialConfig, ctx: CollectorContext) -> Result<(), Collecto
 
     let mut splitter = LineSplitter::new(delimiter, config.max_line_bytes as usize);
     let mut decoder = LineDecoder::new(&ctx.name, parser, config.tags.clone());
+    let result = read_lines(&ctx, &path, &mut port, &mut splitter, &mut decoder).await;
+    // Whatever way the run ends, the losses counted so far are reported.
+    let mut readings = Vec::new();
+    decoder.finish(&mut readings);
+    if !readings.is_empty() {
+        ctx.send(Intake {
+            readings,
+            ..Intake::default()
+        })
+        .await?;
+    }
+    result
+}
+
+async fn read_lines(
+    ctx: &CollectorContext,
+    path: &str,
+    port: &mut tokio_serial::SerialStream,
+    splitter: &mut LineSplitter,
+    decoder: &mut LineDecoder,
+) -> Result<(), CollectorError> {
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
     let mut frames: Vec<Frame> = Vec::new();
     loop {
-        // `read` is cancel-safe: when shutdown wins, no bytes were taken from the port.
+        let due = decoder.loss_due_at(LOSS_REPORT_WINDOW);
+        // `read` is cancel-safe: when another branch wins, no bytes were taken from the port.
         let n = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
-            r = port.read(&mut buf) => r.map_err(|source| SerialError::Read { path: path.clone(), source })?,
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(due.unwrap_or_else(std::time::Instant::now))), if due.is_some() => None,
+            r = port.read(&mut buf) => Some(r.map_err(|source| SerialError::Read { path: path.to_string(), source })?),
         };
-        if n == 0 {
-            return Err(SerialError::Closed { path }.into());
+        if n == Some(0) {
+            return Err(SerialError::Closed {
+                path: path.to_string(),
+            }
+            .into());
         }
-        splitter.push(&buf[..n], &mut frames);
-        if frames.is_empty() {
-            continue;
+        if let Some(n) = n {
+            splitter.push(&buf[..n], &mut frames);
         }
         let mut readings = Vec::with_capacity(frames.len());
         for frame in frames.drain(..) {
             decoder.decode(frame, &mut readings);
         }
-        decoder.finish(&mut readings);
+        decoder.finish_due(&mut readings, LOSS_REPORT_WINDOW);
         if !readings.is_empty() {
             ctx.send(Intake {
                 readings,
