@@ -9,8 +9,8 @@
 //!   path after its backoff (random up to 1 s, doubling per failed attempt up to 60 s, reset
 //!   after a run of 60 s). The collector never spins on `Ok(0)` and never retries by itself.
 //! - Garbage (invalid UTF-8, unparseable lines, binary noise, a line longer than
-//!   `max_line_bytes`) is counted, reported on `ferry.loss` and skipped; the next good line
-//!   parses.
+//!   `max_line_bytes`) is counted, reported on `ferry.loss` (one record per reason and
+//!   [`LOSS_REPORT_WINDOW`], with a count) and skipped; the next good line parses.
 //! - Opening needs no libudev (tokio-serial without default features): the port is named by
 //!   path, ideally a stable `/dev/serial/by-id/...` link. Permission denied names the group
 //!   the service user is missing (dialout on Debian).
