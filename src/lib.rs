@@ -14,13 +14,17 @@
 //! Beside them:
 //!
 //! - [`config`]: the YAML file, parsed and validated into a frozen runtime form.
+//! - [`commands`]: the command topic: requests decoded, recorded, run at most once, replied to
+//!   through the spool.
 //! - [`lifecycle`]: start-up order, signals, logging, systemd notification and shutdown phases.
 //! - [`record`]: the record model shared by every part.
 //!
 //! `docs/ARCHITECTURE.md` describes how the parts fit and which contracts they keep.
 
 pub mod backoff;
+pub mod clock;
 pub mod collectors;
+pub mod commands;
 pub mod config;
 pub mod lifecycle;
 pub mod record;

@@ -1,10 +1,17 @@
-//! The `ferry` command: run the agent, or validate a config file.
+//! The `ferry` command: run the agent, validate a config, ask a running agent for its status,
+//! or look into a spool while the agent is stopped.
 
 use clap::{Parser, Subcommand};
-use ferry::config::{self, EXIT_CONFIG};
+use ferry::config::{self, Config, EXIT_CONFIG};
 use ferry::lifecycle;
+use ferry::spool::Spool;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+const DEFAULT_CONFIG: &str = "/etc/ferry/ferry.yaml";
+/// `ferry status` when no agent answers (like `systemctl status` for a stopped unit).
+const EXIT_NOT_RUNNING: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -21,14 +28,45 @@ struct Cli {
 enum Command {
     /// Run the agent.
     Run {
-        #[arg(long, short, default_value = "/etc/ferry/ferry.yaml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Check a config file: prints `ok`, or every problem found with its key and line
     /// (exit code 78).
     Validate {
-        #[arg(long, short, default_value = "/etc/ferry/ferry.yaml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Ask the running agent for its state (through its local status socket).
+    Status {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look into the spool while the agent is stopped.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Depth, bytes, seq range and sample times per stream, and the size on disk.
+    Inspect {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every stored record of one stream as JSON lines, oldest first.
+    Export {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        stream: String,
     },
 }
 
@@ -40,15 +78,19 @@ fn main() -> ExitCode {
                 println!("ok");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                for line in e.issues() {
-                    eprintln!("error: {line}");
-                }
-                ExitCode::from(EXIT_CONFIG as u8)
-            }
+            Err(e) => config_error(&e),
         },
         Command::Run { config } => run(config),
+        Command::Status { config, json } => status(config, json),
+        Command::Spool { command } => spool(command),
     }
+}
+
+fn config_error(e: &config::ConfigError) -> ExitCode {
+    for line in e.issues() {
+        eprintln!("error: {line}");
+    }
+    ExitCode::from(EXIT_CONFIG as u8)
 }
 
 fn run(path: PathBuf) -> ExitCode {
@@ -76,11 +118,204 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(lifecycle::run(config)) {
+    match runtime.block_on(lifecycle::run(config, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(path: PathBuf, json: bool) -> ExitCode {
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let socket = config.status_socket.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let answer = match runtime {
+        Ok(rt) => rt.block_on(lifecycle::status_socket::request_status(&socket)),
+        Err(e) => Err(e),
+    };
+    let status = match answer {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "ferry is not running (or not answering) on {}: {e}",
+                socket.display()
+            );
+            return ExitCode::from(EXIT_NOT_RUNNING);
+        }
+    };
+    if json {
+        println!("{status}");
+    } else {
+        print!("{}", render_status(&status));
+    }
+    ExitCode::SUCCESS
+}
+
+fn render_status(s: &serde_json::Value) -> String {
+    let c = &s["connection"];
+    let mut out = String::new();
+    let state = if c["connected"] == true {
+        "connected"
+    } else {
+        "disconnected"
+    };
+    out += &format!(
+        "ferry {}  device {}  boot {}  up {} s  config {}\n",
+        s["version"].as_str().unwrap_or("?"),
+        s["device"].as_str().unwrap_or("?"),
+        s["boot"].as_str().unwrap_or("?"),
+        s["uptime_s"],
+        s["config_hash"].as_str().unwrap_or("?")
+    );
+    out += &format!("broker {}  {state}", c["broker"].as_str().unwrap_or("?"));
+    if c["connected"] != true {
+        out += &format!("  next attempt in {} ms", c["backoff_ms"]);
+    }
+    out += "\n";
+    if let Some(e) = c["last_error"].as_str() {
+        out += &format!("last error: {e}\n");
+    }
+    out += &format!(
+        "published {} messages, {} records acknowledged, {} connections\n",
+        c["messages_published"], c["records_acked"], c["connects"]
+    );
+    out += &format!(
+        "\n{:<20} {:>10} {:>12} {:>10} {:>9} {:>12}\n",
+        "STREAM", "RECORDS", "BYTES", "NEXT SEQ", "EVICTED", "OLDEST (s)"
+    );
+    for st in s["spool"]["streams"].as_array().into_iter().flatten() {
+        let age = st["oldest_age_ms"]
+            .as_u64()
+            .map_or("-".to_string(), |ms| (ms / 1000).to_string());
+        out += &format!(
+            "{:<20} {:>10} {:>12} {:>10} {:>9} {:>12}\n",
+            st["name"].as_str().unwrap_or("?"),
+            st["records"],
+            st["bytes"],
+            st["next_seq"],
+            st["evicted"],
+            age
+        );
+    }
+    out += &format!("\n{:<20} {:>8} {:>9}\n", "COLLECTOR", "TYPE", "RESTARTS");
+    for col in s["collectors"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{:<20} {:>8} {:>9}\n",
+            col["name"].as_str().unwrap_or("?"),
+            col["kind"].as_str().unwrap_or("?"),
+            col["restarts"]
+        );
+    }
+    out
+}
+
+fn open_spool(path: &std::path::Path) -> Result<(Config, Spool), ExitCode> {
+    let config = config::load(path).map_err(|e| config_error(&e))?;
+    match Spool::open(&config.spool) {
+        Ok(s) => Ok((config, s)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            if matches!(e, ferry::spool::SpoolError::Locked { .. }) {
+                eprintln!("stop the agent first (systemctl stop ferry)");
+            }
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn spool(command: SpoolCommand) -> ExitCode {
+    match command {
+        SpoolCommand::Inspect { config, json } => {
+            let (config, spool) = match open_spool(&config) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            let report = match spool.inspect() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let disk = spool.disk_bytes();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "dir": config.spool.dir, "disk_bytes": disk, "streams": report })
+                );
+            } else {
+                println!(
+                    "spool {}  {} bytes on disk",
+                    config.spool.dir.display(),
+                    disk
+                );
+                println!(
+                    "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9} {:>15} {:>15}",
+                    "STREAM",
+                    "RECORDS",
+                    "BYTES",
+                    "FIRST SEQ",
+                    "LAST SEQ",
+                    "EVICTED",
+                    "OLDEST TS",
+                    "NEWEST TS"
+                );
+                let opt = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());
+                for r in report {
+                    println!(
+                        "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9} {:>15} {:>15}",
+                        r.name,
+                        r.records,
+                        r.bytes,
+                        opt(r.first_seq),
+                        opt(r.last_seq),
+                        r.evicted,
+                        opt(r.oldest_ts_ms),
+                        opt(r.newest_ts_ms)
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        SpoolCommand::Export { config, stream } => {
+            let (_, spool) = match open_spool(&config) {
+                Ok(x) => x,
+                Err(code) => return code,
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut write_error = None;
+            let result = spool.for_each_record(&stream, |r| {
+                match writeln!(out, "{}", ferry::uplink::payload::export_line(&stream, r)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        write_error = Some(e);
+                        false
+                    }
+                }
+            });
+            let flushed = out.flush();
+            match (result, write_error.map_or(flushed, Err)) {
+                (Ok(n), Ok(())) => {
+                    eprintln!("{n} records of {stream}");
+                    ExitCode::SUCCESS
+                }
+                (Err(e), _) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+                (_, Err(e)) => {
+                    eprintln!("error writing the export: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

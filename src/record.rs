@@ -6,11 +6,16 @@
 //! restarts and evictions), so a consumer can tell a gap (lost or evicted) from a duplicate
 //! (same stream and seq) without any help from the broker.
 
+pub use crate::clock::ClockState;
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Stream on which the spool reports every record it had to drop, with the reason.
 pub const LOSS_STREAM: &str = "ferry.loss";
+
+/// Stream of command replies; published one reply per message on the replies topic, ahead of
+/// every other stream.
+pub const COMMANDS_STREAM: &str = "commands";
 
 /// One named value of a reading. Numbers stay numbers on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +48,8 @@ pub struct Reading {
 pub struct Record {
     pub seq: u64,
     pub ts_ms: u64,
+    /// Whether `ts_ms` came from a synchronised clock (see [`crate::clock`]).
+    pub clock: ClockState,
     pub body: Body,
 }
 

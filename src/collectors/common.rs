@@ -14,8 +14,33 @@
 
 use crate::config::Issue;
 use crate::record::{Body, LOSS_STREAM, Reading, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Held by a run of a collector that owns something exclusive: a serial port (opened with
+/// TIOCEXCL) or a file position. The supervisor starts a reconfigured collector while the old
+/// run is still stopping; the new run waits here until the old one has closed its port, or
+/// until the old one's intakes are committed so the position it loads is the last one.
+pub type RunGuard = tokio::sync::OwnedMutexGuard<()>;
+
+/// Waits until no other run of collector `name` holds the guard; `None` if `shutdown` came
+/// first.
+pub async fn exclusive_run(name: &str, shutdown: &CancellationToken) -> Option<RunGuard> {
+    static RUNS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let lock = RUNS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(name.to_string())
+        .or_default()
+        .clone();
+    tokio::select! {
+        guard = lock.lock_owned() => Some(guard),
+        _ = shutdown.cancelled() => None,
+    }
+}
 
 /// Static tags of a collector: `tag.<key>` fields on every reading.
 pub type Tags = BTreeMap<String, String>;

@@ -58,6 +58,8 @@ pub struct CollectorContext {
     pub shutdown: CancellationToken,
     /// Positions committed with earlier intakes (see [`crate::spool::Checkpoint`]).
     pub positions: Positions,
+    /// Notified when an operator asks for a sample now; periodic collectors take one.
+    pub sample_now: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl CollectorContext {
@@ -70,6 +72,7 @@ impl CollectorContext {
             intake: tx,
             shutdown: CancellationToken::new(),
             positions: Positions::in_memory(),
+            sample_now: Default::default(),
         };
         (ctx, rx)
     }
@@ -142,18 +145,35 @@ pub trait CollectorSpec {
     /// Checks beyond types (ranges, paths); paths in issues are relative to the item.
     fn validate(&self) -> Vec<Issue>;
     fn build(&self) -> Box<dyn Collector>;
+    /// Changes the sampling interval, for collectors that have one; false otherwise.
+    fn set_interval_ms(&mut self, _interval_ms: u64) -> bool {
+        false
+    }
 }
 
 macro_rules! collector_kinds {
     ($($kind:literal => $variant:ident($config:ty),)+) => {
         /// The closed set of collector kinds, selected by the `type` key of an item.
-        #[derive(Debug, Clone)]
+        #[derive(Debug, Clone, PartialEq)]
         pub enum CollectorConfig {
             $($variant($config),)+
         }
 
         impl CollectorConfig {
             fn spec(&self) -> &dyn CollectorSpec {
+                match self {
+                    $(CollectorConfig::$variant(c) => c,)+
+                }
+            }
+
+            /// The `type` key of this kind.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(CollectorConfig::$variant(_) => $kind,)+
+                }
+            }
+
+            fn spec_mut(&mut self) -> &mut dyn CollectorSpec {
                 match self {
                     $(CollectorConfig::$variant(c) => c,)+
                 }
@@ -202,6 +222,11 @@ impl CollectorConfig {
 
     pub fn build(&self) -> Box<dyn Collector> {
         self.spec().build()
+    }
+
+    /// Changes the sampling interval; false if this kind has none.
+    pub fn set_interval_ms(&mut self, interval_ms: u64) -> bool {
+        self.spec_mut().set_interval_ms(interval_ms)
     }
 }
 

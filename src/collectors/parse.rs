@@ -86,7 +86,7 @@ pub enum FieldType {
 }
 
 /// The `format:` mapping of a serial or file collector.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FormatConfig {
     #[serde(rename = "type", default)]
@@ -105,7 +105,7 @@ pub struct FormatConfig {
     pub types: Option<BTreeMap<String, FieldType>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnConfig {
     pub name: String,

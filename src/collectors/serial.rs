@@ -14,7 +14,9 @@
 //! - Opening needs no libudev (tokio-serial without default features): the port is named by
 //!   path, ideally a stable `/dev/serial/by-id/...` link. Permission denied names the group
 //!   the service user is missing (dialout on Debian).
-//! - The port is opened exclusively (TIOCEXCL + flock); a second opener fails.
+//! - The port is opened exclusively (TIOCEXCL + flock); a second opener fails. A run of a
+//!   reconfigured collector waits until the previous run has closed the port
+//!   ([`exclusive_run`](super::common::exclusive_run)).
 
 use super::common::{Tags, validate_tags};
 use super::lines::{Frame, LineSplitter};
@@ -60,7 +62,7 @@ pub enum Parity {
     Even,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     pub name: String,
@@ -232,6 +234,9 @@ async fn run(config: SerialConfig, ctx: CollectorContext) -> Result<(), Collecto
     })?;
     let delimiter = delimiter_byte(&config.delimiter)
         .ok_or_else(|| SerialError::Format(format!("bad delimiter {:?}", config.delimiter)))?;
+    let Some(_run) = super::common::exclusive_run(&ctx.name, &ctx.shutdown).await else {
+        return Ok(());
+    };
     let path = config.path.clone();
     let mut port = tokio_serial::new(&path, config.baud)
         .data_bits(match config.data_bits {

@@ -3,14 +3,20 @@
 //! This is the only place collectors are retried: a failed run is logged with its error,
 //! counted, and restarted after an exponential backoff with jitter. A run that lasted
 //! [`HEALTHY_RUN`] resets the backoff, so a collector that fails once a day restarts fast.
+//!
+//! The [`Supervisor`] also applies configuration changes at runtime: a collector whose config
+//! changed is stopped and started again with the new one, a removed one is stopped, a new one
+//! started. Each collector has its own shutdown token (a child of the agent's), so stopping one
+//! does not disturb the others.
 
 use super::{CollectorConfig, CollectorContext, Positions};
 use crate::backoff::Backoff;
 use crate::spool::Intake;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -19,37 +25,177 @@ const RESTART_INITIAL: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
-/// Per-collector restart counters, readable while the agent runs.
+/// Per-collector restart counter, readable while the agent runs.
 #[derive(Debug, Default)]
 pub struct CollectorStats {
-    pub name: String,
     pub restarts: AtomicU64,
 }
 
-/// Starts one supervised task per enabled collector on `tracker`.
-pub fn spawn_all(
-    configs: &[CollectorConfig],
-    intake: &mpsc::Sender<Intake>,
-    shutdown: &CancellationToken,
-    positions: &Positions,
-    tracker: &TaskTracker,
-) -> Vec<Arc<CollectorStats>> {
-    let mut stats = Vec::new();
-    for config in configs.iter().filter(|c| c.enabled()) {
+struct Running {
+    config: CollectorConfig,
+    stop: CancellationToken,
+    sample_now: Arc<Notify>,
+    stats: Arc<CollectorStats>,
+}
+
+/// The running collectors.
+pub struct Supervisor {
+    intake: mpsc::Sender<Intake>,
+    positions: Positions,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    running: BTreeMap<String, Running>,
+}
+
+/// A collector's state for status reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CollectorState {
+    pub name: String,
+    pub kind: &'static str,
+    pub restarts: u64,
+}
+
+impl Supervisor {
+    pub fn new(
+        intake: mpsc::Sender<Intake>,
+        positions: Positions,
+        shutdown: CancellationToken,
+    ) -> Supervisor {
+        Supervisor {
+            intake,
+            positions,
+            shutdown,
+            tracker: TaskTracker::new(),
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the running set match `configs` (enabled ones only); returns what changed.
+    pub fn apply(&mut self, configs: &[CollectorConfig]) -> Vec<String> {
+        let wanted: BTreeMap<&str, &CollectorConfig> = configs
+            .iter()
+            .filter(|c| c.enabled())
+            .map(|c| (c.name(), c))
+            .collect();
+        let mut changes = Vec::new();
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            match wanted.get(name.as_str()) {
+                Some(c) if **c == self.running[&name].config => {}
+                Some(_) => {
+                    self.stop(&name);
+                    changes.push(format!("collector {name} restarted with its new config"));
+                }
+                None => {
+                    self.stop(&name);
+                    changes.push(format!("collector {name} stopped"));
+                }
+            }
+        }
+        for (name, config) in wanted {
+            if !self.running.contains_key(name) {
+                if !changes
+                    .iter()
+                    .any(|c| c.contains(&format!("collector {name} ")))
+                {
+                    changes.push(format!("collector {name} started"));
+                }
+                self.start((*config).clone());
+            }
+        }
+        changes
+    }
+
+    fn start(&mut self, config: CollectorConfig) {
+        let stop = self.shutdown.child_token();
+        let sample_now = Arc::new(Notify::new());
+        let stats = Arc::new(CollectorStats::default());
         let ctx = CollectorContext {
             name: config.name().to_string(),
-            intake: intake.clone(),
-            shutdown: shutdown.clone(),
-            positions: positions.clone(),
+            intake: self.intake.clone(),
+            shutdown: stop.clone(),
+            positions: self.positions.clone(),
+            sample_now: sample_now.clone(),
         };
-        let s = Arc::new(CollectorStats {
-            name: ctx.name.clone(),
-            restarts: AtomicU64::new(0),
-        });
-        stats.push(s.clone());
-        tracker.spawn(supervise(config.clone(), ctx, s));
+        self.tracker
+            .spawn(supervise(config.clone(), ctx, stats.clone()));
+        self.running.insert(
+            config.name().to_string(),
+            Running {
+                config,
+                stop,
+                sample_now,
+                stats,
+            },
+        );
     }
-    stats
+
+    fn stop(&mut self, name: &str) {
+        if let Some(r) = self.running.remove(name) {
+            r.stop.cancel();
+        }
+    }
+
+    /// Restarts one collector with a new interval.
+    pub fn set_interval(&mut self, name: &str, interval_ms: u64) -> Result<(), String> {
+        let r = self
+            .running
+            .get(name)
+            .ok_or_else(|| format!("no running collector named {name:?}"))?;
+        let mut config = r.config.clone();
+        if !config.set_interval_ms(interval_ms) {
+            return Err(format!("collector {name:?} has no interval"));
+        }
+        let issues = config.validate();
+        if let Some(i) = issues.first() {
+            return Err(format!("{}: {}", i.path, i.message));
+        }
+        self.stop(name);
+        self.start(config);
+        Ok(())
+    }
+
+    pub fn sample_now(&self, name: &str) -> Result<(), String> {
+        let r = self
+            .running
+            .get(name)
+            .ok_or_else(|| format!("no running collector named {name:?}"))?;
+        r.sample_now.notify_one();
+        Ok(())
+    }
+
+    pub fn states(&self) -> Vec<CollectorState> {
+        self.running
+            .iter()
+            .map(|(name, r)| CollectorState {
+                name: name.clone(),
+                kind: r.config.kind(),
+                restarts: r.stats.restarts.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Stops every collector and waits up to `deadline` for them to hand over what they have.
+    /// Returns false if some did not stop in time.
+    pub async fn stop_all(mut self, deadline: Duration) -> bool {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            self.stop(&name);
+        }
+        self.tracker.close();
+        // Our own intake sender goes with `self`, so the writer can see the channel close.
+        let tracker = self.tracker.clone();
+        drop(self);
+        tokio::time::timeout(deadline, tracker.wait()).await.is_ok()
+    }
 }
 
 async fn supervise(config: CollectorConfig, ctx: CollectorContext, stats: Arc<CollectorStats>) {
@@ -95,21 +241,18 @@ mod tests {
         .unwrap()
     }
 
+    fn restarts(s: &Supervisor) -> u64 {
+        s.states()[0].restarts
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_failing_collector_is_restarted_with_backoff_and_counted() {
         let (tx, _rx) = mpsc::channel(8);
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let stats = spawn_all(
-            &[failing()],
-            &tx,
-            &shutdown,
-            &Positions::in_memory(),
-            &tracker,
-        );
+        let mut sup = Supervisor::new(tx, Positions::in_memory(), CancellationToken::new());
+        sup.apply(&[failing()]);
         let start = tokio::time::Instant::now();
         // Paused time: each backoff sleep is skipped as soon as everything else is idle.
-        while stats[0].restarts.load(Ordering::Relaxed) < 4 {
+        while restarts(&sup) < 4 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Four restarts: backoff ceilings 1 + 2 + 4 + 8 s at most (full jitter).
@@ -120,10 +263,8 @@ mod tests {
         );
         // Backoff, not a busy loop: a minute of virtual time holds only a handful of restarts.
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let restarts = stats[0].restarts.load(Ordering::Relaxed);
-        assert!((4..50).contains(&restarts), "{restarts} restarts");
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
+        let n = restarts(&sup);
+        assert!((4..50).contains(&n), "{n} restarts");
+        assert!(sup.stop_all(Duration::from_secs(5)).await);
     }
 }

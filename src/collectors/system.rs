@@ -30,7 +30,7 @@ fn default_interval_ms() -> u64 {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SystemConfig {
     pub name: String,
@@ -95,6 +95,11 @@ impl CollectorSpec for SystemConfig {
             config: self.clone(),
         })
     }
+
+    fn set_interval_ms(&mut self, interval_ms: u64) -> bool {
+        self.interval_ms = interval_ms;
+        true
+    }
 }
 
 pub struct SystemCollector {
@@ -124,6 +129,7 @@ async fn run(config: SystemConfig, ctx: CollectorContext) -> Result<(), Collecto
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
+            _ = ctx.sample_now.notified() => {}
         }
         let (back, mut fields) = tokio::task::spawn_blocking(move || {
             let fields = sampler.sample();

@@ -12,9 +12,10 @@ pub mod locate;
 pub mod raw;
 mod settings;
 
-pub use raw::FullPolicy;
+pub use raw::{FullPolicy, ParamKind};
 pub use settings::{
-    AuthSettings, BackoffSettings, BatchLimits, Config, SpoolSettings, TlsSettings, UplinkSettings,
+    ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, ClockSettings,
+    CommandSettings, Config, ParamSettings, SpoolSettings, TlsSettings, UplinkSettings,
 };
 
 use locate::{Locator, Position};

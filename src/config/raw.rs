@@ -12,8 +12,20 @@ pub struct RawConfig {
     /// Log level when `RUST_LOG` is not set: error, warn, info, debug or trace.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Unix socket `ferry status` talks to; `ferry.sock` beside the spool directory when missing.
+    #[serde(default)]
+    pub status_socket: Option<String>,
+    /// How often the agent reports its own figures on the `ferry.self` stream; 0 turns it off.
+    #[serde(default = "defaults::self_metrics_interval_ms")]
+    pub self_metrics_interval_ms: u64,
     pub spool: RawSpool,
     pub uplink: RawUplink,
+    /// How ferry decides whether the system clock can be trusted.
+    #[serde(default)]
+    pub clock: RawClock,
+    /// The command channel; on with the built-in commands when missing.
+    #[serde(default)]
+    pub commands: RawCommands,
     /// Each item is a collector; parsed by `collectors::CollectorConfig::from_yaml` so that
     /// errors inside an item keep their full key path.
     pub collectors: Vec<serde_yaml::Value>,
@@ -137,8 +149,132 @@ pub struct RawAuth {
     pub password_file: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClock {
+    /// Trust the clock from the start (a gateway with a battery-backed real-time clock).
+    #[serde(default)]
+    pub assume_synced: bool,
+    /// File whose existence means "synchronised" (systemd-timesyncd's by default).
+    #[serde(default = "defaults::sync_marker")]
+    pub sync_marker: String,
+}
+
+impl Default for RawClock {
+    fn default() -> Self {
+        RawClock {
+            assume_synced: false,
+            sync_marker: defaults::sync_marker(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCommands {
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Refuse commands without a valid HMAC-SHA256 signature by one of `keys`.
+    #[serde(default)]
+    pub require_signature: bool,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+    /// Recent command ids (and their final replies) kept to run each command at most once.
+    #[serde(default = "defaults::ledger_max_entries")]
+    pub ledger_max_entries: u64,
+    #[serde(default = "defaults::ledger_max_age_s")]
+    pub ledger_max_age_s: u64,
+    #[serde(default)]
+    pub actions: Vec<RawAction>,
+}
+
+impl Default for RawCommands {
+    fn default() -> Self {
+        RawCommands {
+            enabled: true,
+            require_signature: false,
+            keys: Vec::new(),
+            ledger_max_entries: defaults::ledger_max_entries(),
+            ledger_max_age_s: defaults::ledger_max_age_s(),
+            actions: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    /// Key id a signed command names in `sig.kid`; lets keys rotate.
+    pub id: String,
+    /// File holding the shared secret (trailing newline ignored); keep it 0640 root:ferry.
+    pub key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAction {
+    pub name: String,
+    /// Absolute path of the program; run directly, never through a shell.
+    pub program: String,
+    /// Fixed arguments, before the parameters.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Parameters a command may pass, appended in this order as separate arguments.
+    #[serde(default)]
+    pub params: Vec<RawParam>,
+    #[serde(default = "defaults::action_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "defaults::action_max_output_bytes")]
+    pub max_output_bytes: u64,
+    #[serde(default = "defaults::action_max_concurrent")]
+    pub max_concurrent: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParam {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ParamKind,
+    #[serde(default)]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// Letters, digits and `_ . - : / @ +`, at most 256 characters (no spaces, no shell syntax).
+    String,
+    Integer,
+    Bool,
+}
+
 /// Defaults, in one place so docs and code agree.
 pub mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn sync_marker() -> String {
+        crate::clock::DEFAULT_SYNC_MARKER.into()
+    }
+    pub fn self_metrics_interval_ms() -> u64 {
+        60_000
+    }
+    pub fn ledger_max_entries() -> u64 {
+        1000
+    }
+    pub fn ledger_max_age_s() -> u64 {
+        7 * 24 * 3600
+    }
+    pub fn action_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn action_max_output_bytes() -> u64 {
+        4096
+    }
+    pub fn action_max_concurrent() -> u64 {
+        1
+    }
     pub fn max_bytes() -> u64 {
         256 << 20
     }

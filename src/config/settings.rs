@@ -1,25 +1,65 @@
 //! The validated, frozen configuration and the checks that produce it.
 
 use super::Issue;
-use super::raw::{FullPolicy, RawConfig, RawUplink};
+use super::raw::{FullPolicy, ParamKind, RawCommands, RawConfig, RawUplink};
 use crate::collectors::CollectorConfig;
 use crate::record::is_valid_stream_name;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The whole agent configuration, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it came from.
     pub source: PathBuf,
     pub device_id: String,
     pub log_level: Option<String>,
+    pub status_socket: PathBuf,
+    pub clock: ClockSettings,
+    /// Zero when self-metrics are off.
+    pub self_metrics_interval: Duration,
     pub spool: SpoolSettings,
     pub uplink: UplinkSettings,
+    pub commands: CommandSettings,
     pub collectors: Vec<CollectorConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClockSettings {
+    pub assume_synced: bool,
+    pub sync_marker: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSettings {
+    pub enabled: bool,
+    pub require_signature: bool,
+    /// Key id -> file holding the shared secret (read when the command service starts).
+    pub keys: Vec<(String, PathBuf)>,
+    pub ledger_max_entries: usize,
+    pub ledger_max_age: Duration,
+    pub actions: Vec<ActionSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionSettings {
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub params: Vec<ParamSettings>,
+    pub timeout: Duration,
+    pub max_output_bytes: usize,
+    pub max_concurrent: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSettings {
+    pub name: String,
+    pub kind: ParamKind,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpoolSettings {
     pub dir: PathBuf,
     pub max_bytes: u64,
@@ -36,7 +76,7 @@ pub struct SpoolSettings {
     pub chunk_max_bytes: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UplinkSettings {
     pub host: String,
     pub port: u16,
@@ -56,7 +96,7 @@ pub struct UplinkSettings {
     pub auth: Option<AuthSettings>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchLimits {
     pub max_records: usize,
     pub max_bytes: usize,
@@ -64,7 +104,7 @@ pub struct BatchLimits {
     pub linger: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackoffSettings {
     pub initial: Duration,
     pub max: Duration,
@@ -72,13 +112,13 @@ pub struct BackoffSettings {
     pub reset_after: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsSettings {
     pub ca_file: PathBuf,
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthSettings {
     pub username: String,
     pub password_file: Option<PathBuf>,
@@ -172,6 +212,22 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
         chunk_max_bytes: (uplink.batch.max_bytes as u64 / CHUNK_FRACTION).max(512) as usize,
     };
 
+    let commands = validate_commands(&mut c, &raw.commands, base);
+    let status_socket = match raw.status_socket.as_deref() {
+        Some(p) if !p.is_empty() => resolve(base, p),
+        _ => default_status_socket(&spool.dir),
+    };
+    let self_metrics = if raw.self_metrics_interval_ms == 0 {
+        0
+    } else {
+        c.range(
+            "self_metrics_interval_ms",
+            raw.self_metrics_interval_ms,
+            1000,
+            86_400_000,
+        )
+    };
+
     let mut collectors = Vec::new();
     let mut names = std::collections::HashSet::new();
     for (i, item) in raw.collectors.into_iter().enumerate() {
@@ -210,10 +266,142 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
         source: source.to_path_buf(),
         device_id,
         log_level: raw.log_level,
+        status_socket,
+        clock: ClockSettings {
+            assume_synced: raw.clock.assume_synced,
+            sync_marker: PathBuf::from(&raw.clock.sync_marker),
+        },
+        self_metrics_interval: Duration::from_millis(self_metrics),
         spool,
         uplink,
+        commands,
         collectors,
     })
+}
+
+/// Built-in command names; an action may not take one.
+pub const BUILTIN_COMMANDS: &[&str] = &[
+    "ping",
+    "status",
+    "reload_config",
+    "set_interval",
+    "sample_now",
+    "set_log_level",
+    "flush",
+];
+
+fn validate_commands(c: &mut Checker, r: &RawCommands, base: &Path) -> CommandSettings {
+    let mut keys = Vec::new();
+    for (i, k) in r.keys.iter().enumerate() {
+        let path = resolve(base, &k.key_file);
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.iter().filter(|b| !b.is_ascii_whitespace()).count() < 16 => c.fail(
+                &format!("commands.keys[{i}].key_file"),
+                format!(
+                    "{} holds fewer than 16 characters; use a long random secret",
+                    path.display()
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => c.fail(
+                &format!("commands.keys[{i}].key_file"),
+                format!("cannot read {}: {e}", path.display()),
+            ),
+        }
+        if k.id.is_empty() || keys.iter().any(|(id, _)| *id == k.id) {
+            c.fail(
+                &format!("commands.keys[{i}].id"),
+                format!("key id {:?} is empty or used twice", k.id),
+            );
+        }
+        keys.push((k.id.clone(), path));
+    }
+    if r.require_signature && keys.is_empty() {
+        c.fail(
+            "commands.require_signature",
+            "is true but commands.keys is empty",
+        );
+    }
+    let max_entries = c.range(
+        "commands.ledger_max_entries",
+        r.ledger_max_entries,
+        10,
+        1_000_000,
+    );
+    let max_age = c.range(
+        "commands.ledger_max_age_s",
+        r.ledger_max_age_s,
+        60,
+        365 * 86_400,
+    );
+    let mut actions: Vec<ActionSettings> = Vec::new();
+    for (i, a) in r.actions.iter().enumerate() {
+        let p = format!("commands.actions[{i}]");
+        if !crate::record::is_valid_stream_name(&a.name)
+            || BUILTIN_COMMANDS.contains(&a.name.as_str())
+            || actions.iter().any(|x| x.name == a.name)
+        {
+            c.fail(&format!("{p}.name"), format!("{:?} is not a usable action name (1-64 of A-Z a-z 0-9 _ . -, unique, not a built-in command)", a.name));
+        }
+        let program = PathBuf::from(&a.program);
+        if !program.is_absolute() {
+            c.fail(
+                &format!("{p}.program"),
+                format!(
+                    "{:?} must be an absolute path (actions never search PATH or use a shell)",
+                    a.program
+                ),
+            );
+        }
+        let mut params: Vec<ParamSettings> = Vec::new();
+        for (j, prm) in a.params.iter().enumerate() {
+            if !crate::record::is_valid_stream_name(&prm.name)
+                || params.iter().any(|x| x.name == prm.name)
+            {
+                c.fail(
+                    &format!("{p}.params[{j}].name"),
+                    format!("{:?} is not a usable parameter name", prm.name),
+                );
+            }
+            params.push(ParamSettings {
+                name: prm.name.clone(),
+                kind: prm.kind,
+                required: prm.required,
+            });
+        }
+        let timeout = c.range(&format!("{p}.timeout_ms"), a.timeout_ms, 10, 86_400_000);
+        let out = c.range(
+            &format!("{p}.max_output_bytes"),
+            a.max_output_bytes,
+            0,
+            1 << 20,
+        );
+        let conc = c.range(&format!("{p}.max_concurrent"), a.max_concurrent, 1, 64);
+        actions.push(ActionSettings {
+            name: a.name.clone(),
+            program,
+            args: a.args.clone(),
+            params,
+            timeout: Duration::from_millis(timeout),
+            max_output_bytes: out as usize,
+            max_concurrent: conc as usize,
+        });
+    }
+    CommandSettings {
+        enabled: r.enabled,
+        require_signature: r.require_signature,
+        keys,
+        ledger_max_entries: max_entries as usize,
+        ledger_max_age: Duration::from_secs(max_age),
+        actions,
+    }
+}
+
+/// `ferry.sock` in the directory that holds the spool directory.
+pub fn default_status_socket(spool_dir: &Path) -> PathBuf {
+    spool_dir
+        .parent()
+        .map_or_else(|| PathBuf::from("ferry.sock"), |p| p.join("ferry.sock"))
 }
 
 fn join(prefix: &str, path: &str) -> String {

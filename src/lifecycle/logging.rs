@@ -41,6 +41,20 @@ fn default_directive(level: &str) -> String {
 }
 
 impl LogHandle {
+    /// Sets the level now (remote command), even over `RUST_LOG`; until the next restart.
+    pub fn set_level_now(&self, level: &str) -> Result<(), String> {
+        const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+        if !LEVELS.contains(&level) {
+            return Err(format!(
+                "unknown level {level:?}; expected one of {}",
+                LEVELS.join(", ")
+            ));
+        }
+        self.handle
+            .reload(EnvFilter::new(default_directive(level)))
+            .map_err(|e| e.to_string())
+    }
+
     /// Applies the config's level unless `RUST_LOG` decides.
     pub fn set_level(&self, level: Option<&str>) {
         if self.from_env {

@@ -2,9 +2,10 @@
 //!
 //! - SIGTERM / SIGINT: the first cancels the shutdown token (graceful, phased shutdown); a
 //!   second exits at once. Committed records are durable, so nothing accepted is lost.
-//! - SIGHUP is registered so it does not kill the agent (its default action). Reloading the
-//!   config on SIGHUP is not implemented yet: it is logged, and a restart applies changes.
+//! - SIGHUP reloads the config through the lifecycle loop (validated first; a bad file keeps
+//!   the running config and its errors are logged).
 
+use super::control::Control;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tokio_util::sync::CancellationToken;
@@ -13,16 +14,22 @@ use tracing::{info, warn};
 /// Exit code of the immediate exit on a second SIGTERM/SIGINT (128 + SIGTERM).
 pub const EXIT_FORCED: i32 = 143;
 
-pub fn install(shutdown: CancellationToken) -> std::io::Result<()> {
+pub fn install(shutdown: CancellationToken, control: Control) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("ferry-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 match sig {
-                    SIGHUP => warn!("SIGHUP received: reloading the config is not supported yet; restart ferry to apply changes."),
+                    SIGHUP => {
+                        info!("SIGHUP received: reloading the config.");
+                        control.request_reload();
+                    }
                     _ if shutdown.is_cancelled() => {
-                        warn!(signal = sig, "Second stop signal: exiting now. Committed records are safe on disk.");
+                        warn!(
+                            signal = sig,
+                            "Second stop signal: exiting now. Committed records are safe on disk."
+                        );
                         std::process::exit(EXIT_FORCED);
                     }
                     _ => {

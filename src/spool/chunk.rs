@@ -5,22 +5,23 @@
 //! u64 committed_ms (LE)   when the chunk was committed; drives the uplink's linger
 //! u64 first_seq (LE)      seqs in a chunk are consecutive
 //! u32 count (LE)
-//! count x postcard(StoredRecord { ts_ms, body })
+//! count x postcard(StoredRecord { ts_ms, clock, body })
 //! ```
 //!
 //! Packing many records per value is what lets the spool commit far more records per second
 //! than one sled key per record would.
 
 use super::SpoolError;
-use crate::record::{Body, Record};
+use crate::record::{Body, ClockState, Record};
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT: u8 = 1;
+pub const FORMAT: u8 = 2;
 pub const HEADER_LEN: usize = 1 + 8 + 8 + 4;
 
 #[derive(Serialize, Deserialize)]
 struct StoredRecord<'a> {
     ts_ms: u64,
+    clock: ClockState,
     #[serde(borrow)]
     body: BodyRef<'a>,
 }
@@ -42,12 +43,12 @@ pub struct Header {
 }
 
 /// Appends one encoded record (without header) to `out`.
-pub fn encode_record(out: &mut Vec<u8>, ts_ms: u64, body: &Body) {
+pub fn encode_record(out: &mut Vec<u8>, ts_ms: u64, clock: ClockState, body: &Body) {
     let body = match body {
         Body::Fields(f) => BodyRef::Fields(std::borrow::Cow::Borrowed(f)),
         Body::Line(l) => BodyRef::Line(std::borrow::Cow::Borrowed(l)),
     };
-    let rec = StoredRecord { ts_ms, body };
+    let rec = StoredRecord { ts_ms, clock, body };
     // Encoding into a Vec cannot fail for these types.
     let encoded =
         postcard::to_extend(&rec, std::mem::take(out)).expect("postcard encodes into a Vec");
@@ -94,6 +95,7 @@ pub fn decode(value: &[u8]) -> Result<(Header, Vec<Record>), SpoolError> {
         records.push(Record {
             seq: h.first_seq + i,
             ts_ms: rec.ts_ms,
+            clock: rec.clock,
             body: match rec.body {
                 BodyRef::Fields(f) => Body::Fields(f.into_owned()),
                 BodyRef::Line(l) => Body::Line(l.into_owned()),
@@ -122,7 +124,7 @@ mod tests {
         ];
         let mut buf = Vec::new();
         for (i, b) in bodies.iter().enumerate() {
-            encode_record(&mut buf, 1000 + i as u64, b);
+            encode_record(&mut buf, 1000 + i as u64, ClockState::Synced, b);
         }
         let h = Header {
             committed_ms: 42,
@@ -142,7 +144,7 @@ mod tests {
     #[test]
     fn truncated_chunk_is_an_error_not_a_panic() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, 1, &Body::Line("hello".into()));
+        encode_record(&mut buf, 1, ClockState::Synced, &Body::Line("hello".into()));
         let v = assemble(
             Header {
                 committed_ms: 0,

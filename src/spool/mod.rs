@@ -43,7 +43,7 @@ pub mod keys;
 mod store;
 pub mod writer;
 
-pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamStats};
+pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamReport, StreamStats};
 
 use crate::record::Reading;
 
@@ -64,6 +64,22 @@ pub struct Intake {
 pub struct Checkpoint {
     pub source: String,
     pub position: Vec<u8>,
+}
+
+impl SpoolError {
+    /// Whether the spool's files are damaged (as opposed to unreadable or locked).
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            SpoolError::Corrupt(_) => true,
+            SpoolError::Open { source, .. } => matches!(
+                source,
+                sled::Error::Corruption { .. }
+                    | sled::Error::Unsupported(_)
+                    | sled::Error::ReportableBug(_)
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl Intake {

@@ -8,8 +8,9 @@
 use super::chunk::{self, Header};
 use super::keys;
 use super::{Checkpoint, Intake, SpoolError};
+use crate::clock::{ClockSource, ClockState, SystemClock};
 use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
-use crate::record::{Body, LOSS_STREAM, Reading, Record, Value, now_ms};
+use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, Record, Value, now_ms};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +39,13 @@ struct StreamMeta {
 struct GlobalMeta {
     next_chunk_id: u64,
     next_stream_id: u32,
+    /// First seq of a new stream; above zero after a corrupt spool was replaced.
+    seq_floor: u64,
 }
+
+/// File written when a spool is created. A spool directory that has it but no counters in
+/// sled lost its data.
+const MARKER: &str = "ferry-spool";
 
 struct State {
     ids: HashMap<String, u32>,
@@ -63,6 +70,7 @@ struct Inner {
     /// Chunk ids below this are flushed and may be handed to the uplink.
     readable_below: AtomicU64,
     committed: tokio::sync::watch::Sender<u64>,
+    clock: std::sync::RwLock<Arc<dyn ClockSource>>,
 }
 
 /// Handle to the spool; cheap to clone.
@@ -116,6 +124,20 @@ pub struct StreamStats {
     pub bytes: u64,
     pub chunks: u64,
     pub evicted: u64,
+}
+
+/// What `ferry spool inspect` shows for one stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamReport {
+    pub name: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub evicted: u64,
+    pub next_seq: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub oldest_ts_ms: Option<u64>,
+    pub newest_ts_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -181,10 +203,57 @@ impl Losses {
 impl Spool {
     /// Opens (or creates) the spool in `settings.dir`.
     pub fn open(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
+        match Self::open_inner(settings) {
+            Err(e) if e.is_corruption() => Self::quarantine(settings, &e),
+            other => other,
+        }
+    }
+
+    /// Moves a corrupt spool aside and starts a fresh one. Its streams' seqs start above any
+    /// the old spool can have used (at `now_ms * 1000`), so no seq is ever reused, and the loss
+    /// is reported on `ferry.loss`.
+    fn quarantine(settings: &SpoolSettings, why: &SpoolError) -> Result<Spool, SpoolError> {
+        let dir = &settings.dir;
+        let name = dir
+            .file_name()
+            .map_or_else(|| "spool".into(), |n| n.to_string_lossy().into_owned());
+        let target = dir.with_file_name(format!("{name}.corrupt-{}", now_ms()));
+        std::fs::rename(dir, &target).map_err(|e| {
+            error!(dir = %dir.display(), error = %e, "Cannot move the corrupt spool aside.");
+            SpoolError::Corrupt(format!("{why}; moving it aside failed: {e}"))
+        })?;
+        error!(dir = %dir.display(), moved_to = %target.display(), error = %why, "The spool is corrupt: moved aside, continuing on a fresh spool. Records it held are lost.");
+        let spool = Self::open_inner(settings)?;
+        {
+            let mut state = spool.lock();
+            state.global.seq_floor = now_ms().saturating_mul(1000);
+            spool
+                .inner
+                .tree
+                .insert(keys::GLOBAL, encode_meta(&state.global))?;
+        }
+        let loss = Reading::fields(
+            LOSS_STREAM,
+            vec![
+                ("reason".into(), Value::Str("spool_corrupt".into())),
+                (
+                    "quarantined".into(),
+                    Value::Str(target.display().to_string()),
+                ),
+                ("error".into(), Value::Str(why.to_string())),
+            ],
+        );
+        spool.commit(&[Intake::reading(loss)])?;
+        Ok(spool)
+    }
+
+    fn open_inner(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(&settings.dir).map_err(|source| SpoolError::CreateDir {
             dir: settings.dir.clone(),
             source,
         })?;
+        let marker = settings.dir.join(MARKER);
+        let existed = marker.exists();
         let config = sled::Config::new()
             .path(&settings.dir)
             .cache_capacity(settings.cache_bytes)
@@ -215,7 +284,24 @@ impl Spool {
         let tree = db.open_tree("spool")?;
         let global: GlobalMeta = match tree.get(keys::GLOBAL)? {
             Some(v) => decode_meta("global counters", &v)?,
-            None => GlobalMeta::default(),
+            // sled recovers a damaged log by dropping what it cannot read, silently: a spool
+            // that was used before but lost its counters would reuse seqs.
+            None if existed => {
+                return Err(SpoolError::Corrupt(
+                    "the spool's counters are gone (damaged or truncated files)".into(),
+                ));
+            }
+            None => {
+                tree.insert(keys::GLOBAL, encode_meta(&GlobalMeta::default()))?;
+                tree.flush()?;
+                std::fs::write(&marker, b"ferry spool\n")
+                    .and_then(|()| std::fs::File::open(&settings.dir)?.sync_all())
+                    .map_err(|source| SpoolError::CreateDir {
+                        dir: settings.dir.clone(),
+                        source,
+                    })?;
+                GlobalMeta::default()
+            }
         };
         let mut metas = BTreeMap::new();
         let mut ids = HashMap::new();
@@ -244,6 +330,10 @@ impl Spool {
                     unreported_failures: BTreeMap::new(),
                 }),
                 committed,
+                clock: std::sync::RwLock::new(Arc::new(SystemClock::new(
+                    crate::clock::DEFAULT_SYNC_MARKER.into(),
+                    false,
+                ))),
             }),
         })
     }
@@ -252,6 +342,76 @@ impl Spool {
         // A panic while holding the lock would be a bug; the state is still consistent with
         // the tree because it is only updated after a batch was applied.
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets where commit times and clock states come from.
+    pub fn set_clock(&self, clock: Arc<dyn ClockSource>) {
+        *self.inner.clock.write().unwrap_or_else(|p| p.into_inner()) = clock;
+    }
+
+    fn clock(&self) -> Arc<dyn ClockSource> {
+        self.inner
+            .clock
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rewrites the timestamps of stored records stamped unsynced in the current kernel boot:
+    /// `ts = uptime_at_stamp + (wall_now - uptime_now)`, marked `Corrected`. Call once the
+    /// clock is synchronised. Returns how many records were corrected.
+    pub fn correct_clock(&self) -> Result<u64, SpoolError> {
+        let clock = self.clock();
+        if !clock.synced() {
+            return Ok(0);
+        }
+        let offset = clock.now_ms() as i64 - clock.uptime_ms() as i64;
+        let boot_now = clock.boot();
+        let mut state = self.lock();
+        let mut metas = state.metas.clone();
+        let mut batch = sled::Batch::default();
+        let mut corrected = 0;
+        for item in self.inner.tree.scan_prefix([keys::CHUNK]) {
+            let (k, v) = item?;
+            let (h, records) = chunk::decode(&v)?;
+            if !records
+                .iter()
+                .any(|r| matches!(r.clock, ClockState::Unsynced { boot, .. } if boot == boot_now))
+            {
+                continue;
+            }
+            let mut buf = Vec::with_capacity(v.len());
+            for r in &records {
+                let (ts, state) = match r.clock {
+                    ClockState::Unsynced { boot, uptime_ms } if boot == boot_now => {
+                        corrected += 1;
+                        (
+                            (uptime_ms as i64 + offset).max(0) as u64,
+                            ClockState::Corrected,
+                        )
+                    }
+                    other => (r.ts_ms, other),
+                };
+                chunk::encode_record(&mut buf, ts, state, &r.body);
+            }
+            let value = chunk::assemble(h, &buf);
+            let sid = u32::from_be_bytes(k[1..5].try_into().expect("chunk key has a stream id"));
+            if let Some(m) = metas.get_mut(&sid) {
+                m.bytes = m.bytes + value.len() as u64 - v.len() as u64;
+            }
+            batch.insert(k, value);
+        }
+        if corrected == 0 {
+            return Ok(0);
+        }
+        for (sid, meta) in &metas {
+            batch.insert(&keys::stream(*sid), encode_meta(meta));
+        }
+        self.inner.tree.apply_batch(batch)?;
+        state.metas = metas;
+        drop(state);
+        self.inner.tree.flush()?;
+        Ok(corrected)
     }
 
     /// Watch that changes whenever newly flushed chunks become readable.
@@ -285,6 +445,7 @@ impl Spool {
         }
 
         let committed_ms = now_ms();
+        let clock = self.clock();
         let mut new_chunks: Vec<NewChunk> = Vec::new();
         for (stream, readings) in &by_stream {
             let stream: &str = stream;
@@ -294,7 +455,9 @@ impl Spool {
                 sid,
                 meta,
                 &mut global,
-                readings.iter().map(|r| (r.ts_ms, &r.body)),
+                readings
+                    .iter()
+                    .map(|r| (r.ts_ms, clock.stamp(r.ts_ms), &r.body)),
                 committed_ms,
                 settings,
                 &mut new_chunks,
@@ -398,7 +561,9 @@ impl Spool {
                 sid,
                 meta,
                 &mut global,
-                loss_readings.iter().map(|(ts, b)| (*ts, b)),
+                loss_readings
+                    .iter()
+                    .map(|(ts, b)| (*ts, clock.stamp(*ts), b)),
                 committed_ms,
                 settings,
                 &mut new_chunks,
@@ -508,13 +673,18 @@ impl Spool {
             let start = cursors.get(&sid).map_or(0, |c| c + 1);
             tree.range(keys::chunk(sid, start)..keys::chunk(sid, readable))
         };
+        // Command replies first; then the stream whose next chunk is oldest.
         let mut pick: Option<(u32, String, u64)> = None;
         for (sid, name) in streams {
             if let Some(item) = range(sid).next() {
                 let (k, _) = item?;
                 let cid = keys::chunk_id(&k).expect("chunk key");
-                if pick.as_ref().is_none_or(|p| cid < p.2) {
+                let urgent = name == COMMANDS_STREAM;
+                if urgent || pick.as_ref().is_none_or(|p| cid < p.2) {
                     pick = Some((sid, name, cid));
+                }
+                if urgent {
+                    break;
                 }
             }
         }
@@ -528,7 +698,12 @@ impl Spool {
             full: false,
         };
         let (mut records, mut bytes) = (0usize, 0usize);
+        let one_chunk = batch.stream == COMMANDS_STREAM;
         for item in range(sid) {
+            if one_chunk && !batch.chunks.is_empty() {
+                batch.full = true;
+                break;
+            }
             let (k, v) = item?;
             let (h, recs) = chunk::decode(&v)?;
             let size = k.len() + v.len();
@@ -613,6 +788,109 @@ impl Spool {
         }
     }
 
+    /// Commit time of the oldest stored chunk of each stream.
+    pub fn oldest_committed_ms(&self) -> HashMap<String, u64> {
+        let streams: Vec<(u32, String)> = {
+            let state = self.lock();
+            state
+                .metas
+                .iter()
+                .filter(|(_, m)| m.chunks > 0)
+                .map(|(id, m)| (*id, m.name.clone()))
+                .collect()
+        };
+        let mut out = HashMap::new();
+        for (sid, name) in streams {
+            let head = self
+                .inner
+                .tree
+                .range(keys::chunk(sid, 0)..=keys::chunk(sid, u64::MAX))
+                .next();
+            if let Some(Ok((_, v))) = head
+                && let Ok(h) = chunk::header(&v)
+            {
+                out.insert(name, h.committed_ms);
+            }
+        }
+        out
+    }
+
+    /// Per-stream report for `ferry spool inspect`: counts, first and last seq, oldest and
+    /// newest sample time of what is stored.
+    pub fn inspect(&self) -> Result<Vec<StreamReport>, SpoolError> {
+        let metas: Vec<(u32, StreamMeta)> = {
+            let state = self.lock();
+            state.metas.iter().map(|(id, m)| (*id, m.clone())).collect()
+        };
+        let mut out = Vec::new();
+        for (sid, m) in metas {
+            let range = || {
+                self.inner
+                    .tree
+                    .range(keys::chunk(sid, 0)..=keys::chunk(sid, u64::MAX))
+            };
+            let first = range()
+                .next()
+                .transpose()?
+                .map(|(_, v)| chunk::decode(&v))
+                .transpose()?;
+            let last = range()
+                .next_back()
+                .transpose()?
+                .map(|(_, v)| chunk::decode(&v))
+                .transpose()?;
+            let (first_rec, last_rec) = (
+                first.as_ref().and_then(|(_, r)| r.first()),
+                last.as_ref().and_then(|(_, r)| r.last()),
+            );
+            out.push(StreamReport {
+                name: m.name.clone(),
+                records: m.records,
+                bytes: m.bytes,
+                evicted: m.evicted,
+                next_seq: m.next_seq,
+                first_seq: first_rec.map(|r| r.seq),
+                last_seq: last_rec.map(|r| r.seq),
+                oldest_ts_ms: first_rec.map(|r| r.ts_ms),
+                newest_ts_ms: last_rec.map(|r| r.ts_ms),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with every stored record of `stream`, oldest first, until it returns false.
+    /// Returns how many records were visited.
+    pub fn for_each_record(
+        &self,
+        stream: &str,
+        mut f: impl FnMut(&Record) -> bool,
+    ) -> Result<u64, SpoolError> {
+        let Some(sid) = self.lock().ids.get(stream).copied() else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for item in self
+            .inner
+            .tree
+            .range(keys::chunk(sid, 0)..=keys::chunk(sid, u64::MAX))
+        {
+            let (_, v) = item?;
+            for r in chunk::decode(&v)?.1 {
+                n += 1;
+                if !f(&r) {
+                    return Ok(n);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Another tree in the spool's database, for state that must be durable with the same
+    /// guarantees (e.g. the command ledger). Flushing the spool flushes it too.
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, SpoolError> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
     /// Flushes everything, including lazy deletions. Called at shutdown.
     pub fn flush(&self) -> Result<(), SpoolError> {
         self.inner.db.flush()?;
@@ -654,7 +932,7 @@ fn stream_id(
         id,
         StreamMeta {
             name: stream.to_string(),
-            next_seq: 1,
+            next_seq: global.seq_floor.max(1),
             ..StreamMeta::default()
         },
     );
@@ -666,7 +944,7 @@ fn pack<'a>(
     sid: u32,
     meta: &mut StreamMeta,
     global: &mut GlobalMeta,
-    records: impl Iterator<Item = (u64, &'a Body)>,
+    records: impl Iterator<Item = (u64, ClockState, &'a Body)>,
     committed_ms: u64,
     settings: &SpoolSettings,
     out: &mut Vec<NewChunk>,
@@ -674,6 +952,12 @@ fn pack<'a>(
     let mut buf = Vec::new();
     let mut count = 0u64;
     let mut first_seq = meta.next_seq;
+    // Replies go out one per message, so each is its own chunk (the unit of acknowledgement).
+    let max_records = if meta.name == COMMANDS_STREAM {
+        1
+    } else {
+        settings.chunk_max_records
+    };
     let mut flush = |buf: &mut Vec<u8>,
                      count: &mut u64,
                      first_seq: &mut u64,
@@ -706,9 +990,9 @@ fn pack<'a>(
         buf.clear();
         *count = 0;
     };
-    for (ts, body) in records {
+    for (ts, clock, body) in records {
         let before = buf.len();
-        chunk::encode_record(&mut buf, ts, body);
+        chunk::encode_record(&mut buf, ts, clock, body);
         if count > 0 && buf.len() > settings.chunk_max_bytes {
             // This record does not fit: close the chunk without it, then start a new one.
             let tail = buf.split_off(before);
@@ -717,7 +1001,7 @@ fn pack<'a>(
         }
         count += 1;
         meta.next_seq += 1;
-        if count as usize >= settings.chunk_max_records {
+        if count as usize >= max_records {
             flush(&mut buf, &mut count, &mut first_seq, meta, global);
         }
     }

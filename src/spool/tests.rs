@@ -314,3 +314,118 @@ fn dir_size(p: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+fn corrupt_and_reopen(damage: impl Fn(&std::path::Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(&dir.path().join("spool"), 1 << 30, FullPolicy::DropOldest);
+    {
+        let spool = Spool::open(&s).unwrap();
+        spool.commit(&intakes("a", 0..100)).unwrap();
+        spool.flush().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1100)); // sled's flusher releases the lock
+    damage(&s.dir);
+    let before = crate::record::now_ms() * 1000;
+    let spool = Spool::open(&s).expect("a corrupt spool is replaced, not an error");
+    let moved: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("spool.corrupt-")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "the corrupt spool is kept aside");
+    let losses = loss_records(&spool);
+    assert_eq!(losses.len(), 1);
+    assert_eq!(losses[0]["reason"], Value::Str("spool_corrupt".into()));
+    // New seqs are above anything the lost spool can have used.
+    spool.commit(&intakes("a", 0..1)).unwrap();
+    let a = drain(&spool).into_iter().find(|(s, _)| s == "a").unwrap().1;
+    assert!(a[0] >= before, "seq {} reused a low range", a[0]);
+}
+
+#[test]
+fn a_damaged_log_that_sled_silently_drops_is_detected_and_quarantined() {
+    corrupt_and_reopen(|dir| {
+        let db = dir.join("db");
+        let len = std::fs::metadata(&db).unwrap().len();
+        std::fs::write(&db, vec![0xff; len as usize]).unwrap();
+    });
+}
+
+#[test]
+fn an_unreadable_sled_config_is_quarantined() {
+    corrupt_and_reopen(|dir| std::fs::write(dir.join("conf"), b"\x00garbage\xff").unwrap());
+}
+
+#[test]
+fn unsynced_records_are_flagged_then_corrected_after_sync() {
+    use crate::clock::{ClockState, ManualClock};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    // Booted in 1970: wall clock 10 s, 10 s of uptime.
+    let clock = ManualClock::new(10_000, 10_000, false);
+    spool.set_clock(clock.clone());
+    let sample = |ts| {
+        Intake::reading(Reading {
+            stream: "a".into(),
+            ts_ms: ts,
+            body: Body::Line("x".into()),
+        })
+    };
+    spool.commit(&[sample(10_000)]).unwrap();
+    clock.advance(5_000);
+    spool.commit(&[sample(15_000)]).unwrap();
+    let records = |spool: &Spool| {
+        let mut out = Vec::new();
+        spool
+            .for_each_record("a", |r| {
+                out.push((r.ts_ms, r.clock));
+                true
+            })
+            .unwrap();
+        out
+    };
+    assert_eq!(
+        records(&spool),
+        vec![
+            (
+                10_000,
+                ClockState::Unsynced {
+                    boot: 7,
+                    uptime_ms: 10_000
+                }
+            ),
+            (
+                15_000,
+                ClockState::Unsynced {
+                    boot: 7,
+                    uptime_ms: 15_000
+                }
+            ),
+        ]
+    );
+    // Nothing to correct while unsynced.
+    assert_eq!(spool.correct_clock().unwrap(), 0);
+    // NTP arrives 1 s later: the real time is 1.8e12 ms at uptime 16 s.
+    clock.advance(1_000);
+    clock.sync_to(1_800_000_000_000);
+    assert_eq!(spool.correct_clock().unwrap(), 2);
+    assert_eq!(
+        records(&spool),
+        vec![
+            (1_800_000_000_000 - 6_000, ClockState::Corrected),
+            (1_800_000_000_000 - 1_000, ClockState::Corrected),
+        ]
+    );
+    // Records stamped after the sync are plain synced ones; byte counters stay exact.
+    spool.commit(&[sample(1_800_000_000_500)]).unwrap();
+    assert_eq!(records(&spool)[2], (1_800_000_000_500, ClockState::Synced));
+    let stored: u64 = spool.stats().bytes;
+    drop(spool);
+    std::thread::sleep(Duration::from_millis(1100));
+    let reopened = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    assert_eq!(reopened.stats().bytes, stored);
+}

@@ -9,6 +9,7 @@
 //! at shutdown whatever collectors handed over is committed before the spool is flushed.
 
 use super::{Intake, Spool};
+use crate::lifecycle::watchdog::{Heartbeat, TICK};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -29,8 +30,15 @@ pub async fn run(
     mut rx: mpsc::Receiver<Intake>,
     flush_interval: Duration,
     flush_max_records: usize,
+    heartbeat: Heartbeat,
 ) {
-    while let Some(first) = rx.recv().await {
+    loop {
+        heartbeat.touch();
+        let first = match tokio::time::timeout(TICK, rx.recv()).await {
+            Ok(Some(first)) => first,
+            Ok(None) => break,
+            Err(_) => continue,
+        };
         let deadline = Instant::now() + flush_interval;
         let mut readings = first.readings.len();
         let mut group = vec![first];

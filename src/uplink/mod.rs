@@ -23,17 +23,21 @@ pub mod tls;
 
 use crate::backoff::Backoff;
 use crate::config::UplinkSettings;
-use crate::record::now_ms;
+use crate::lifecycle::watchdog::{Heartbeat, TICK};
+use crate::record::{COMMANDS_STREAM, now_ms};
 use crate::spool::Spool;
 use inflight::{Bind, Inflight, Tag};
 use options::Topics;
 use payload::Origin;
-use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, Publish, QoS,
+    SubscribeReasonCode,
+};
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -41,19 +45,44 @@ use tracing::{debug, error, info, warn};
 /// Events from the polling task waiting for the uplink task. Small: the uplink handles each
 /// event in microseconds, and a full channel only pauses polling (back-pressure on the socket).
 const EVENT_CAPACITY: usize = 64;
-/// Requests queued in rumqttc's channel: the window plus status, disconnect and slack. The
-/// window gate keeps it from filling; `try_publish` failing means a bug, and ends the epoch.
-const REQUEST_SLACK: usize = 8;
+/// Requests queued in rumqttc's channel: the window plus status, subscribe, command acks,
+/// disconnect and slack. The window gate keeps it from filling; `try_publish` failing means
+/// a bug, and ends the epoch.
+const REQUEST_SLACK: usize = 40;
 /// How long to wait for the DISCONNECT to be written at shutdown.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 
-/// Counters readable while the agent runs.
+/// Counters and state readable while the agent runs.
 #[derive(Debug, Default)]
 pub struct UplinkStats {
     pub connected: AtomicBool,
     pub connects: AtomicU64,
     pub messages_published: AtomicU64,
     pub records_acked: AtomicU64,
+    /// Delay before the next connection attempt, while disconnected.
+    pub backoff_ms: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// A command publish received in connection epoch `epoch`, not yet acknowledged.
+#[derive(Debug)]
+pub struct CommandDelivery {
+    pub epoch: u64,
+    pub publish: Publish,
+}
+
+/// The command service's request to PUBACK a delivery it has durably recorded. Ignored if the
+/// epoch has ended meanwhile: the broker then redelivers on the next connection.
+#[derive(Debug)]
+pub struct AckRequest {
+    pub epoch: u64,
+    pub publish: Publish,
+}
+
+/// The uplink's side of the command channel.
+pub struct CommandLink {
+    pub deliveries: mpsc::Sender<CommandDelivery>,
+    pub acks: mpsc::Receiver<AckRequest>,
 }
 
 /// A published data message whose PUBACK is awaited.
@@ -66,6 +95,8 @@ struct Sent {
 
 enum EpochEnd {
     Shutdown,
+    /// The settings changed: reconnect at once with the new ones.
+    Reconfigured,
     Failed {
         error: String,
         serious: bool,
@@ -81,62 +112,111 @@ fn failed(error: impl Into<String>, was_connected: bool) -> EpochEnd {
     }
 }
 
-pub struct Uplink {
-    settings: UplinkSettings,
-    spool: Spool,
+/// What one epoch works with: the settings as they were when it started.
+struct EpochCtx {
+    s: UplinkSettings,
     topics: Topics,
     origin: Origin,
+    epoch: u64,
+}
+
+pub struct Uplink {
+    settings: watch::Receiver<UplinkSettings>,
+    spool: Spool,
+    boot: String,
     shutdown: CancellationToken,
     stats: Arc<UplinkStats>,
+    commands: Option<CommandLink>,
+    flush: Arc<Notify>,
+    heartbeat: Heartbeat,
 }
 
 impl Uplink {
     pub fn new(
-        settings: UplinkSettings,
+        settings: watch::Receiver<UplinkSettings>,
         spool: Spool,
         boot: String,
         shutdown: CancellationToken,
     ) -> Uplink {
         Uplink {
-            topics: Topics::new(&settings.topic_prefix, &settings.device_id),
-            origin: Origin {
-                device: settings.device_id.clone(),
-                boot,
-            },
             settings,
             spool,
+            boot,
             shutdown,
             stats: Arc::new(UplinkStats::default()),
+            commands: None,
+            flush: Arc::new(Notify::new()),
+            heartbeat: Heartbeat::new("uplink"),
         }
+    }
+
+    /// The heartbeat this task keeps fresh while it is not stuck.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// Subscribes to the command topic and hands command publishes to `link`.
+    pub fn with_commands(mut self, link: CommandLink) -> Uplink {
+        self.commands = Some(link);
+        self
     }
 
     pub fn stats(&self) -> Arc<UplinkStats> {
         self.stats.clone()
     }
 
+    /// Notify to send lingering batches now.
+    pub fn flush_handle(&self) -> Arc<Notify> {
+        self.flush.clone()
+    }
+
     /// Connects, drains, reconnects with backoff, until the shutdown token is cancelled.
-    pub async fn run(self) {
-        let s = &self.settings;
-        let mut backoff = Backoff::new(s.backoff.initial, s.backoff.max);
+    pub async fn run(mut self) {
+        let first = self.settings.borrow().clone();
+        let mut backoff = Backoff::new(first.backoff.initial, first.backoff.max);
         let mut last_error = String::new();
-        let broker = format!("{}:{}", s.host, s.port);
+        let mut epoch = 0u64;
+        let mut link = self.commands.take();
         loop {
+            epoch += 1;
+            let s = self.settings.borrow_and_update().clone();
+            let ctx = EpochCtx {
+                topics: Topics::new(&s.topic_prefix, &s.device_id),
+                origin: Origin {
+                    device: s.device_id.clone(),
+                    boot: self.boot.clone(),
+                },
+                s,
+                epoch,
+            };
+            let broker = format!("{}:{}", ctx.s.host, ctx.s.port);
             let started = Instant::now();
-            let end = self.epoch().await;
+            let end = self.epoch(&ctx, link.as_mut()).await;
             self.stats.connected.store(false, Ordering::Relaxed);
             let (error, serious, was_connected) = match end {
                 EpochEnd::Shutdown => break,
+                EpochEnd::Reconfigured => {
+                    let s = self.settings.borrow().clone();
+                    backoff = Backoff::new(s.backoff.initial, s.backoff.max);
+                    continue;
+                }
                 EpochEnd::Failed {
                     error,
                     serious,
                     was_connected,
                 } => (error, serious, was_connected),
             };
-            if was_connected && started.elapsed() >= s.backoff.reset_after {
+            if was_connected && started.elapsed() >= ctx.s.backoff.reset_after {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
             let retry_in_ms = delay.as_millis() as u64;
+            self.stats.backoff_ms.store(retry_in_ms, Ordering::Relaxed);
+            *self
+                .stats
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
             let attempt = backoff.attempts();
             if error != last_error || attempt.is_multiple_of(10) {
                 if serious {
@@ -152,15 +232,16 @@ impl Uplink {
             last_error = error;
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.heartbeat.sleep(delay) => {}
+                r = self.settings.changed() => if r.is_ok() { backoff.reset(); },
             }
         }
         info!("Uplink stopped.");
     }
 
-    async fn epoch(&self) -> EpochEnd {
-        let s = &self.settings;
-        let (opts, net) = match options::build(s, &self.topics, &self.origin.boot) {
+    async fn epoch(&mut self, ctx: &EpochCtx, mut link: Option<&mut CommandLink>) -> EpochEnd {
+        let s = &ctx.s;
+        let (opts, net) = match options::build(s, &ctx.topics, &self.boot) {
             Ok(o) => o,
             Err(e) => {
                 return EpochEnd::Failed {
@@ -186,8 +267,10 @@ impl Uplink {
 
         // CONNECT / CONNACK.
         let deadline = Instant::now() + options::connect_deadline(s);
+        let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
+                _ = tick.tick() => self.heartbeat.touch(),
                 _ = self.shutdown.cancelled() => return EpochEnd::Shutdown,
                 _ = tokio::time::sleep_until(deadline) => return failed("timed out waiting for the broker's CONNACK", false),
                 ev = events.recv() => match ev {
@@ -200,14 +283,22 @@ impl Uplink {
         }
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        self.stats.backoff_ms.store(0, Ordering::Relaxed);
         info!(broker = %format!("{}:{}", s.host, s.port), client_id = %s.client_id, tls = s.tls.is_some(), "Connected to the broker.");
 
+        // Subscribe before any publish, so its packet id cannot collide with one (rumqtt #1057).
+        let commands_topic = ctx.topics.commands();
+        if link.is_some()
+            && let Err(e) = client.try_subscribe(commands_topic.clone(), QoS::AtLeastOnce)
+        {
+            return failed(format!("cannot queue the command subscription: {e}"), true);
+        }
         let mut inflight: Inflight<Sent> = Inflight::new();
         if let Err(e) = client.try_publish(
-            self.topics.status(),
+            ctx.topics.status(),
             QoS::AtLeastOnce,
             true,
-            options::status_payload("online", &self.origin.boot),
+            options::status_payload("online", &self.boot),
         ) {
             return failed(format!("cannot queue the status message: {e}"), true);
         }
@@ -217,10 +308,15 @@ impl Uplink {
         let mut committed = self.spool.subscribe();
         let mut linger_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
+        let mut flush_now = false;
+        let mut reconfigured = false;
         let far = || Instant::now() + Duration::from_secs(3600);
         loop {
             if draining.is_none() {
-                match self.fill(&client, &mut inflight, &mut cursors).await {
+                match self
+                    .fill(ctx, &client, &mut inflight, &mut cursors, &mut flush_now)
+                    .await
+                {
                     Ok(next) => linger_until = next,
                     Err(end) => return end,
                 }
@@ -228,23 +324,40 @@ impl Uplink {
                 break;
             }
             tokio::select! {
+                _ = tick.tick() => self.heartbeat.touch(),
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     debug!(in_flight = inflight.data_len(), "Shutdown: waiting for outstanding PUBACKs.");
                     draining = Some(Instant::now() + s.shutdown_grace);
                 }
+                r = self.settings.changed(), if draining.is_none() => {
+                    if r.is_ok() {
+                        info!("Uplink settings changed; reconnecting with the new ones.");
+                        reconfigured = true;
+                        draining = Some(Instant::now() + s.shutdown_grace);
+                    }
+                }
                 _ = tokio::time::sleep_until(draining.unwrap_or_else(far)), if draining.is_some() => {
-                    warn!(in_flight = inflight.data_len(), "Shutdown grace period over; unacknowledged data stays in the spool and is resent at the next start.");
+                    warn!(in_flight = inflight.data_len(), "Grace period over; unacknowledged data stays in the spool and is resent.");
                     break;
                 }
                 ev = events.recv() => match ev {
                     Some(Ok(ev)) => {
-                        if let Err(end) = self.on_event(ev, &mut inflight).await {
+                        if let Err(end) = self.on_event(ctx, ev, &mut inflight, &client, link.as_deref_mut(), &commands_topic).await {
                             return end;
                         }
                     }
                     Some(Err(e)) => return describe(&e, true),
                     None => return failed("event loop stopped", true),
                 },
+                ack = recv_ack(link.as_deref_mut()) => {
+                    if let Some(ack) = ack
+                        && ack.epoch == ctx.epoch
+                        && let Err(e) = client.try_ack(&ack.publish)
+                    {
+                        return failed(format!("cannot queue a command acknowledgement: {e}"), true);
+                    }
+                }
+                _ = self.flush.notified() => flush_now = true,
                 r = committed.changed() => {
                     if r.is_err() {
                         return EpochEnd::Shutdown;
@@ -255,12 +368,14 @@ impl Uplink {
         }
 
         // Goodbye: retained offline status, then DISCONNECT (the last will is not sent then).
-        let _ = client.try_publish(
-            self.topics.status(),
-            QoS::AtLeastOnce,
-            true,
-            options::status_payload("offline", &self.origin.boot),
-        );
+        if !reconfigured {
+            let _ = client.try_publish(
+                ctx.topics.status(),
+                QoS::AtLeastOnce,
+                true,
+                options::status_payload("offline", &self.boot),
+            );
+        }
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
             while let Some(Ok(ev)) = events.recv().await {
@@ -271,18 +386,24 @@ impl Uplink {
         })
         .await;
         info!("Disconnected from the broker.");
-        EpochEnd::Shutdown
+        if reconfigured {
+            EpochEnd::Reconfigured
+        } else {
+            EpochEnd::Shutdown
+        }
     }
 
     /// Publishes batches until the window is full or nothing is ready. Returns when a
     /// lingering batch becomes due, if one is waiting.
     async fn fill(
         &self,
+        ctx: &EpochCtx,
         client: &AsyncClient,
         inflight: &mut Inflight<Sent>,
         cursors: &mut HashMap<u32, u64>,
+        flush_now: &mut bool,
     ) -> Result<Option<Instant>, EpochEnd> {
-        let s = &self.settings;
+        let s = &ctx.s;
         while inflight.data_len() < s.window {
             let spool = self.spool.clone();
             let cur = cursors.clone();
@@ -295,21 +416,30 @@ impl Uplink {
                     serious: true,
                     was_connected: true,
                 })?;
-            let Some(batch) = batch else { return Ok(None) };
-            if !batch.full && !s.batch.linger.is_zero() {
+            let Some(batch) = batch else {
+                *flush_now = false;
+                return Ok(None);
+            };
+            let is_reply = batch.stream == COMMANDS_STREAM;
+            if !batch.full && !is_reply && !*flush_now && !s.batch.linger.is_zero() {
                 let due = batch.chunks[0].committed_ms + s.batch.linger.as_millis() as u64;
                 let now = now_ms();
                 if now < due {
                     return Ok(Some(Instant::now() + Duration::from_millis(due - now)));
                 }
             }
-            let topic = self.topics.data(&batch.stream);
-            let (payload, used) = payload::encode(
-                &self.origin,
-                &batch.stream,
-                &batch.chunks,
-                s.batch.max_bytes,
-            );
+            let (topic, payload, used) = if is_reply {
+                let record = &batch.chunks[0].records[0];
+                (
+                    ctx.topics.replies(),
+                    payload::encode_reply(&ctx.origin, record),
+                    1,
+                )
+            } else {
+                let (p, used) =
+                    payload::encode(&ctx.origin, &batch.stream, &batch.chunks, s.batch.max_bytes);
+                (ctx.topics.data(&batch.stream), p, used)
+            };
             let chunks = &batch.chunks[..used];
             let last = chunks
                 .last()
@@ -338,7 +468,15 @@ impl Uplink {
         Ok(None)
     }
 
-    async fn on_event(&self, ev: Event, inflight: &mut Inflight<Sent>) -> Result<(), EpochEnd> {
+    async fn on_event(
+        &self,
+        ctx: &EpochCtx,
+        ev: Event,
+        inflight: &mut Inflight<Sent>,
+        client: &AsyncClient,
+        link: Option<&mut CommandLink>,
+        commands_topic: &str,
+    ) -> Result<(), EpochEnd> {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => match inflight.on_outgoing(pkid) {
                 Bind::Unexpected => {
@@ -360,6 +498,32 @@ impl Uplink {
                     self.ack(sent).await?;
                 }
             }
+            Event::Incoming(Packet::SubAck(ack)) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    error!(topic = %commands_topic, "The broker refused the command subscription (check its ACL); commands will not arrive.");
+                } else {
+                    info!(topic = %commands_topic, "Subscribed to commands.");
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => match link {
+                Some(link) if p.topic == commands_topic => {
+                    let delivery = CommandDelivery {
+                        epoch: ctx.epoch,
+                        publish: p,
+                    };
+                    if let Err(e) = link.deliveries.try_send(delivery) {
+                        warn!(error = %e, "Command queue full; the command is not acknowledged and will be redelivered after a reconnect.");
+                    }
+                }
+                _ => {
+                    debug!(topic = %p.topic, "Unexpected publish acknowledged and ignored.");
+                    let _ = client.try_ack(&p);
+                }
+            },
             _ => {}
         }
         Ok(())
@@ -380,6 +544,17 @@ impl Uplink {
             .records_acked
             .fetch_add(records, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// The next ack request; never resolves without a command service (or once it is gone).
+async fn recv_ack(link: Option<&mut CommandLink>) -> Option<AckRequest> {
+    match link {
+        Some(l) => match l.acks.recv().await {
+            Some(ack) => Some(ack),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

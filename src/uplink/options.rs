@@ -27,6 +27,14 @@ impl Topics {
     pub fn status(&self) -> String {
         format!("{}/status", self.base)
     }
+
+    pub fn commands(&self) -> String {
+        format!("{}/commands", self.base)
+    }
+
+    pub fn replies(&self) -> String {
+        format!("{}/replies", self.base)
+    }
 }
 
 /// The retained status payload.
@@ -72,6 +80,9 @@ pub fn build(
     o.set_clean_session(false);
     o.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
     o.set_inflight(rumqttc_inflight(s.window));
+    // Commands are acknowledged only once recorded (see commands/): a crash in between makes
+    // the broker redeliver instead of losing the command.
+    o.set_manual_acks(true);
     o.set_last_will(LastWill::new(
         topics.status(),
         status_payload("offline", boot),

@@ -10,7 +10,7 @@
 //! a consumer drops duplicates by (device, stream, seq) and sees a gap as a missing seq. `boot`
 //! changes at every start of the agent.
 
-use crate::record::{Body, Record, Value};
+use crate::record::{Body, ClockState, Record, Value};
 use crate::spool::ChunkData;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
@@ -48,15 +48,30 @@ struct RecordRef<'a>(&'a Record);
 impl Serialize for RecordRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.0;
-        let mut m = s.serialize_map(Some(3))?;
+        let mut m = s.serialize_map(None)?;
         m.serialize_entry("seq", &r.seq)?;
         m.serialize_entry("ts", &r.ts_ms)?;
+        // Only a doubtful timestamp costs bytes.
+        match r.clock {
+            ClockState::Synced => {}
+            ClockState::Unsynced { .. } => m.serialize_entry("clock", "unsynced")?,
+            ClockState::Corrected => m.serialize_entry("clock", "corrected")?,
+        }
         match &r.body {
             Body::Fields(f) => m.serialize_entry("fields", &FieldsRef(f))?,
             Body::Line(l) => m.serialize_entry("line", l)?,
         }
         m.end()
     }
+}
+
+/// One record as a JSON line for `ferry spool export`: `{"stream","seq","ts","fields"|"line"}`.
+pub fn export_line(stream: &str, record: &Record) -> String {
+    let mut v = serde_json::to_value(RecordRef(record)).expect("a record serializes");
+    if let Some(o) = v.as_object_mut() {
+        o.insert("stream".into(), stream.into());
+    }
+    v.to_string()
 }
 
 /// Encodes the leading chunks of a batch that fit in `max_bytes` (always at least one).
@@ -96,6 +111,22 @@ pub fn encode(
     (out, used)
 }
 
+/// A command reply (a record of the `commands` stream, whose line is the reply object) as the
+/// message published on the replies topic: the reply with `seq`, `device` and `boot` added.
+pub fn encode_reply(origin: &Origin, record: &Record) -> Vec<u8> {
+    let mut reply = match &record.body {
+        Body::Line(l) => serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|_| serde_json::json!({ "raw": l })),
+        Body::Fields(_) => serde_json::json!({}),
+    };
+    if let Some(obj) = reply.as_object_mut() {
+        obj.insert("seq".into(), record.seq.into());
+        obj.insert("device".into(), origin.device.clone().into());
+        obj.insert("boot".into(), origin.boot.clone().into());
+    }
+    reply.to_string().into_bytes()
+}
+
 fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     serde_json::to_writer(&mut *out, v).expect("serializing to a Vec cannot fail");
 }
@@ -113,6 +144,7 @@ mod tests {
                 .map(|i| Record {
                     seq: first_seq + i,
                     ts_ms: 1000 + i,
+                    clock: ClockState::Synced,
                     body: Body::Fields(vec![
                         ("x".into(), Value::F64(1.5)),
                         ("nan".into(), Value::F64(f64::NAN)),
@@ -164,6 +196,7 @@ mod tests {
             records: vec![Record {
                 seq: 5,
                 ts_ms: 1,
+                clock: ClockState::Corrected,
                 body: Body::Line("a \"quoted\" line".into()),
             }],
         };

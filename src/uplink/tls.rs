@@ -33,15 +33,20 @@ pub enum TlsError {
 
 /// Parses a CA bundle into a root store.
 pub fn parse_ca(pem: &[u8]) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-    }
-    if roots.is_empty() {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    if certs.is_empty() {
         return Err(TlsError::NoCertificate);
+    }
+    // A system bundle may hold a certificate webpki cannot use; skip those, as long as at
+    // least one trust anchor remains.
+    let mut roots = RootCertStore::empty();
+    let (_, unusable) = roots.add_parsable_certificates(certs);
+    if roots.is_empty() {
+        return Err(TlsError::BadCertificate(format!(
+            "none of the {unusable} certificates is usable as a trust anchor"
+        )));
     }
     Ok(roots)
 }

@@ -47,7 +47,7 @@ pub const DEFAULT_BATCH_LINES: u64 = 500;
 /// Poll mode default.
 pub const DEFAULT_INTERVAL_MS: u64 = 10_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub name: String,
@@ -224,6 +224,15 @@ impl CollectorSpec for FileConfig {
             }
         }
         issues
+    }
+
+    /// Poll mode's `interval_ms`; tail mode has no sampling interval.
+    fn set_interval_ms(&mut self, interval_ms: u64) -> bool {
+        if self.mode != FileMode::Poll {
+            return false;
+        }
+        self.interval_ms = Some(interval_ms);
+        true
     }
 
     fn build(&self) -> Box<dyn Collector> {

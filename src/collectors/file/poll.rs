@@ -2,6 +2,7 @@
 //! (sysfs sensors such as `/sys/class/thermal/thermal_zone*/temp`, 1-wire `w1_slave`) and
 //! send one reading with one numeric field per file.
 //!
+//! - An operator's "sample now" command takes a sample at once, besides the interval.
 //! - **Field names** come from the path: the part after the pattern's last directory without
 //!   a wildcard, with `/` replaced by `.` and any character outside `A-Z a-z 0-9 _ . -` by
 //!   `_`. `/sys/class/thermal/thermal_zone*/temp` gives `thermal_zone0.temp`; a pattern
@@ -143,6 +144,7 @@ pub async fn run(config: FileConfig, ctx: CollectorContext) -> Result<(), Collec
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
+            _ = ctx.sample_now.notified() => {}
         }
         let p = patterns.clone();
         let s = tokio::task::spawn_blocking(move || sample(&p, scale))

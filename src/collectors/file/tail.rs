@@ -40,6 +40,12 @@
 //! at the path from 0. If it cannot be found (deleted, moved elsewhere, compressed), the lines
 //! written to it after the stored offset are lost and a warning says so.
 //!
+//! # One run at a time
+//!
+//! A run holds [`exclusive_run`](crate::collectors::common::exclusive_run) for its source
+//! from before it loads the position until its intakes are settled, so a restarted or
+//! reconfigured collector never reads from a position that is about to be overtaken.
+//!
 //! # Commit failures
 //!
 //! Every intake is sent with a receipt, and at most [`MAX_PENDING_INTAKES`] are unconfirmed.
@@ -517,6 +523,12 @@ pub async fn run(config: FileConfig, ctx: CollectorContext) -> Result<(), Collec
             .clone()
             .ok_or_else(|| FileError::Config("tail mode needs `path`".into()))?,
     );
+    // One run per source: a reconfigured collector's new run loads the position only after
+    // the old run's intakes are settled.
+    let Some(_run) = crate::collectors::common::exclusive_run(&ctx.name, &ctx.shutdown).await
+    else {
+        return Ok(());
+    };
     let saved = match ctx.positions.load(&ctx.name).await? {
         Some(bytes) => {
             Some(Position::decode(&bytes).ok_or_else(|| FileError::Position(ctx.name.clone()))?)
@@ -531,11 +543,10 @@ pub async fn run(config: FileConfig, ctx: CollectorContext) -> Result<(), Collec
     let mut decoder = LineDecoder::new(&ctx.name, parser, config.tags.clone());
     let mut receipts = Receipts::default();
     let result = follow(&config, &ctx, &path, tailer, &mut decoder, &mut receipts).await;
-    if result.is_err() {
-        // The restarted run loads the committed position: let what was handed over settle
-        // first, so that position matches the lines already in the spool.
-        receipts.settle().await;
-    }
+    // The next run (after a failure or a reconfiguration) loads the committed position: let
+    // what was handed over settle first, so that position matches the lines in the spool.
+    // The spool writer runs until every collector has stopped, so this ends within a commit.
+    receipts.settle().await;
     result
 }
 
@@ -809,7 +820,9 @@ mod tests {
         let ctx = CollectorContext { positions, ..ctx };
         let shutdown = ctx.shutdown.clone();
         let task = tokio::spawn(run(cfg, ctx));
-        let intake = rx.recv().await.unwrap();
+        let mut intake = rx.recv().await.unwrap();
+        // Confirm the commit, as the spool would: a stopping run waits for its receipts.
+        let _ = intake.committed.take().unwrap().send(true);
         assert_eq!(intake.readings.len(), 1);
         assert_eq!(
             intake.readings[0].body,

@@ -1,0 +1,405 @@
+//! The command channel: operators publish JSON requests to `<prefix>/<device>/commands`; ferry
+//! runs each at most once and replies on `<prefix>/<device>/replies`.
+//!
+//! Invariants:
+//! - **Recorded before acknowledged.** A command is PUBACKed only after its id is flushed to
+//!   the [`ledger`] (or, for a refused request, after its error reply is committed to the
+//!   spool). A crash in between makes the broker redeliver it instead of losing it.
+//! - **At most once per id.** A redelivered id is not run again: its stored final reply is
+//!   sent again; an id whose run was interrupted by a stop gets an error reply saying so.
+//! - **Replies are spooled** on the `commands` stream like data, so a reply is not lost when
+//!   the link drops right after the command arrived; the uplink sends them ahead of data.
+//! - **Nothing from the network runs as a shell string.** Built-ins are fixed code; actions
+//!   are programs the config names, with typed parameters as separate argv items.
+//! - Deliveries are handled one at a time, in order of receipt, so acknowledgements go out in
+//!   the order MQTT 3.1.1 requires. Actions then run in their own tasks, bounded per action.
+//! - With `require_signature`, a request must carry an HMAC-SHA256 over its canonical form
+//!   ([`request::canonical`]) by a configured key; unsigned, wrongly signed and replayed
+//!   requests are refused with an error reply and a WARN log.
+
+pub mod actions;
+pub mod ledger;
+pub mod request;
+
+use crate::config::{ActionSettings, CommandSettings};
+use crate::lifecycle::control::Control;
+use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, now_ms};
+use crate::spool::Intake;
+use crate::uplink::{AckRequest, CommandDelivery};
+use hmac::{Hmac, Mac};
+use ledger::Ledger;
+use request::Request;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot read command key {id} from {path}: {source}")]
+    Key {
+        id: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("command ledger: {0}")]
+    Ledger(#[from] crate::spool::SpoolError),
+}
+
+/// A reply as published: `{"id", "status", "result"|"error", "ts"}`.
+pub fn reply(
+    id: Option<&str>,
+    status: &str,
+    body: Result<Value, (String, Option<Value>)>,
+) -> String {
+    let mut r = json!({ "id": id, "status": status, "ts": now_ms() });
+    match body {
+        Ok(v) => r["result"] = v,
+        Err((msg, details)) => {
+            r["error"] = msg.into();
+            if let Some(d) = details {
+                r["details"] = d;
+            }
+        }
+    }
+    r.to_string()
+}
+
+fn ok(id: &str, result: Value) -> String {
+    reply(Some(id), "ok", Ok(result))
+}
+
+fn error(id: Option<&str>, msg: impl Into<String>) -> String {
+    reply(id, "error", Err((msg.into(), None)))
+}
+
+struct Shared {
+    intake: mpsc::Sender<Intake>,
+    ledger: Ledger,
+}
+
+impl Shared {
+    /// Commits a reply to the spool; true once it is durable.
+    async fn send_reply(&self, text: String) -> bool {
+        let reading = Reading {
+            stream: COMMANDS_STREAM.into(),
+            ts_ms: now_ms(),
+            body: Body::Line(text),
+        };
+        let (intake, receipt) = Intake::with_receipt(vec![reading], None);
+        if self.intake.send(intake).await.is_err() {
+            return false;
+        }
+        receipt.await.unwrap_or(false)
+    }
+
+    /// Sends the final reply and records it in the ledger.
+    async fn finish(&self, id: &str, text: String) {
+        if let Err(e) = self.ledger.finish(id, &text) {
+            warn!(command = %id, error = %e, "Cannot record a command's final reply; a redelivery would get an 'interrupted' reply.");
+        }
+        self.send_reply(text).await;
+    }
+}
+
+pub struct CommandService {
+    settings: CommandSettings,
+    keys: HashMap<String, Vec<u8>>,
+    shared: Arc<Shared>,
+    control: Control,
+    flush: Arc<Notify>,
+    limits: HashMap<String, Arc<Semaphore>>,
+}
+
+impl CommandService {
+    pub fn new(
+        settings: CommandSettings,
+        tree: sled::Tree,
+        intake: mpsc::Sender<Intake>,
+        control: Control,
+        flush: Arc<Notify>,
+    ) -> Result<CommandService, CommandError> {
+        let mut keys = HashMap::new();
+        for (id, path) in &settings.keys {
+            let text = std::fs::read_to_string(path).map_err(|source| CommandError::Key {
+                id: id.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            keys.insert(id.clone(), text.trim().as_bytes().to_vec());
+        }
+        let limits = settings
+            .actions
+            .iter()
+            .map(|a| (a.name.clone(), Arc::new(Semaphore::new(a.max_concurrent))))
+            .collect();
+        Ok(CommandService {
+            shared: Arc::new(Shared {
+                intake,
+                ledger: Ledger::new(tree, settings.ledger_max_entries, settings.ledger_max_age),
+            }),
+            settings,
+            keys,
+            control,
+            flush,
+            limits,
+        })
+    }
+
+    /// Serves deliveries until `stop` is cancelled.
+    pub async fn run(
+        self,
+        mut deliveries: mpsc::Receiver<CommandDelivery>,
+        acks: mpsc::Sender<AckRequest>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let delivery = tokio::select! {
+                _ = stop.cancelled() => break,
+                d = deliveries.recv() => match d { Some(d) => d, None => break },
+            };
+            let durable = self.handle(&delivery.publish.payload).await;
+            if durable {
+                let _ = acks
+                    .send(AckRequest {
+                        epoch: delivery.epoch,
+                        publish: delivery.publish,
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Handles one request; returns whether it is durably recorded (and may be acknowledged).
+    async fn handle(&self, payload: &[u8]) -> bool {
+        let sh = &self.shared;
+        let req = match request::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(command = ?e.id, error = %e.message, "Malformed command refused.");
+                return sh
+                    .send_reply(error(
+                        e.id.as_deref(),
+                        format!("malformed request: {}", e.message),
+                    ))
+                    .await;
+            }
+        };
+        let id = req.id.clone();
+        if self.settings.require_signature
+            && let Err(why) = self.verify(&req)
+        {
+            warn!(command = %id, name = %req.name, reason = %why, "Command refused: signature check failed.");
+            return sh
+                .send_reply(error(Some(&id), format!("signature refused: {why}")))
+                .await;
+        }
+        match sh.ledger.get(&id) {
+            Ok(Some(entry)) => {
+                if self.settings.require_signature {
+                    warn!(command = %id, "Replayed signed command refused.");
+                    return sh
+                        .send_reply(error(
+                            Some(&id),
+                            "replayed: this command id was already received",
+                        ))
+                        .await;
+                }
+                info!(command = %id, "Command id seen before; not run again.");
+                let text = entry.reply.unwrap_or_else(|| {
+                    error(
+                        Some(&id),
+                        "interrupted: ferry stopped while this command ran; it is not run again",
+                    )
+                });
+                let _ = sh.ledger.finish(&id, &text);
+                return sh.send_reply(text).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(command = %id, error = %e, "Cannot read the command ledger; the command is not acknowledged and will be redelivered.");
+                return false;
+            }
+        }
+        let now = now_ms();
+        if req.expires_at.is_some_and(|e| e < now) {
+            info!(command = %id, name = %req.name, "Expired command refused.");
+            let text = error(Some(&id), "expired");
+            if sh.ledger.accept(&id, now).is_err() {
+                return false;
+            }
+            // A refused command is data the operator sent that ferry dropped: count it.
+            let loss = Reading::fields(
+                LOSS_STREAM,
+                vec![
+                    (
+                        "stream".into(),
+                        crate::record::Value::Str(COMMANDS_STREAM.into()),
+                    ),
+                    ("count".into(), crate::record::Value::U64(1)),
+                    (
+                        "reason".into(),
+                        crate::record::Value::Str("expired_command".into()),
+                    ),
+                    ("id".into(), crate::record::Value::Str(id.clone())),
+                ],
+            );
+            let _ = sh.intake.send(Intake::reading(loss)).await;
+            sh.finish(&id, text).await;
+            return true;
+        }
+        if let Err(e) = sh.ledger.accept(&id, now) {
+            warn!(command = %id, error = %e, "Cannot record the command; it is not acknowledged and will be redelivered.");
+            return false;
+        }
+        info!(command = %id, name = %req.name, "Command received.");
+        self.execute(req).await;
+        true
+    }
+
+    fn verify(&self, req: &Request) -> Result<(), String> {
+        let sig = req.sig.as_ref().ok_or("the request is not signed")?;
+        let key = self
+            .keys
+            .get(&sig.kid)
+            .ok_or_else(|| format!("unknown key id {:?}", sig.kid))?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|e| e.to_string())?;
+        mac.update(&request::canonical(req));
+        mac.verify_slice(&sig.hmac)
+            .map_err(|_| "the signature does not match".to_string())
+    }
+
+    async fn execute(&self, req: Request) {
+        let sh = self.shared.clone();
+        let id = req.id.clone();
+        let arg_str = |k: &str| req.args.get(k).and_then(Value::as_str).map(str::to_string);
+        let result: Result<Value, (String, Option<Value>)> = match req.name.as_str() {
+            "ping" => Ok(json!({ "pong": true })),
+            "status" => Ok(self.control.status().await),
+            "reload_config" => match self.control.reload().await {
+                Ok(changes) => Ok(json!({ "changes": changes })),
+                Err(issues) => Err((
+                    "the new config is invalid; the running config stays".into(),
+                    Some(json!(issues)),
+                )),
+            },
+            "set_interval" => match (
+                arg_str("collector"),
+                req.args.get("interval_ms").and_then(Value::as_u64),
+            ) {
+                (Some(c), Some(ms)) => self
+                    .control
+                    .set_interval(c, ms)
+                    .await
+                    .map(|()| json!({ "interval_ms": ms }))
+                    .map_err(|e| (e, None)),
+                _ => Err((
+                    "set_interval needs args {\"collector\": string, \"interval_ms\": integer}"
+                        .into(),
+                    None,
+                )),
+            },
+            "sample_now" => match arg_str("collector") {
+                Some(c) => self
+                    .control
+                    .sample_now(c)
+                    .await
+                    .map(|()| json!({ "requested": true }))
+                    .map_err(|e| (e, None)),
+                None => Err(("sample_now needs args {\"collector\": string}".into(), None)),
+            },
+            "set_log_level" => match arg_str("level") {
+                Some(l) => self
+                    .control
+                    .set_log_level(l)
+                    .await
+                    .map(|()| json!({ "level": arg_str("level") }))
+                    .map_err(|e| (e, None)),
+                None => Err(("set_log_level needs args {\"level\": string}".into(), None)),
+            },
+            "flush" => {
+                self.flush.notify_one();
+                Ok(json!({ "flushing": true }))
+            }
+            name => match self.settings.actions.iter().find(|a| a.name == name) {
+                Some(action) => return self.start_action(action.clone(), req).await,
+                None => Err((format!("unknown command {name:?}"), None)),
+            },
+        };
+        let status = if result.is_ok() { "ok" } else { "error" };
+        sh.finish(&id, reply(Some(&id), status, result)).await;
+    }
+
+    async fn start_action(&self, action: ActionSettings, req: Request) {
+        let sh = self.shared.clone();
+        let id = req.id.clone();
+        let argv = match actions::build_args(&action, &req.args) {
+            Ok(a) => a,
+            Err(e) => return sh.finish(&id, error(Some(&id), e)).await,
+        };
+        let limit = self
+            .limits
+            .get(&action.name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Semaphore::new(1)));
+        let Ok(permit) = limit.try_acquire_owned() else {
+            return sh
+                .finish(
+                    &id,
+                    error(
+                        Some(&id),
+                        format!(
+                            "busy: {} run(s) of {} already running",
+                            action.max_concurrent, action.name
+                        ),
+                    ),
+                )
+                .await;
+        };
+        sh.send_reply(reply(
+            Some(&id),
+            "accepted",
+            Ok(json!({ "action": action.name })),
+        ))
+        .await;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let text = match actions::run(&action, argv).await {
+                Ok(o) if o.timed_out => reply(
+                    Some(&id),
+                    "error",
+                    Err((
+                        format!(
+                            "timed out after {} ms; the process group was killed",
+                            action.timeout.as_millis()
+                        ),
+                        None,
+                    )),
+                ),
+                Ok(o) => {
+                    let result = json!({
+                        "exit_code": o.exit_code,
+                        "stdout": o.stdout,
+                        "stderr": o.stderr,
+                        "truncated": o.truncated,
+                    });
+                    if o.exit_code == Some(0) {
+                        ok(&id, result)
+                    } else {
+                        reply(
+                            Some(&id),
+                            "error",
+                            Err((format!("exited with {:?}", o.exit_code), Some(result))),
+                        )
+                    }
+                }
+                Err(e) => error(Some(&id), e),
+            };
+            info!(command = %id, action = %action.name, "Action finished.");
+            sh.finish(&id, text).await;
+        });
+    }
+}
