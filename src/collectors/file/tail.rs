@@ -789,6 +789,53 @@ mod tests {
         assert_eq!(total, 5000);
     }
 
+    /// The supervisor starts a reconfigured collector while the old run is still stopping.
+    #[tokio::test]
+    async fn a_new_run_waits_until_the_old_runs_intakes_are_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        append(&path, "a=1\n");
+        let cfg: FileConfig = serde_yaml::from_str(&format!(
+            "name: reload\npath: {}\nstart_at: beginning\npoll_interval_ms: 20\nformat: {{type: kv}}\n",
+            path.display()
+        ))
+        .unwrap();
+        let (old_ctx, mut old_rx) = CollectorContext::new_test("reload");
+        let positions = old_ctx.positions.clone();
+        let old_stop = old_ctx.shutdown.clone();
+        let old = tokio::spawn(run(cfg.clone(), old_ctx));
+        let mut first = old_rx.recv().await.unwrap();
+        old_stop.cancel();
+        let (new_ctx, mut new_rx) = CollectorContext::new_test("reload");
+        let new_stop = new_ctx.shutdown.clone();
+        let new = tokio::spawn(run(
+            cfg,
+            CollectorContext {
+                positions: positions.clone(),
+                ..new_ctx
+            },
+        ));
+        // The old run's line is not committed yet: the new run must not read from the start.
+        let early = tokio::time::timeout(Duration::from_millis(300), new_rx.recv()).await;
+        assert!(
+            early.is_err(),
+            "the new run read before the old one settled"
+        );
+        // The spool commits the old run's intake (position and all).
+        positions.set_in_memory("reload", first.checkpoint.take().unwrap().position);
+        let _ = first.committed.take().unwrap().send(true);
+        old.await.unwrap().unwrap();
+        append(&path, "a=2\n");
+        let mut next = new_rx.recv().await.unwrap();
+        let _ = next.committed.take().unwrap().send(true);
+        assert_eq!(
+            next.readings[0].body,
+            crate::record::Body::Fields(vec![("a".into(), crate::record::Value::I64(2))])
+        );
+        new_stop.cancel();
+        new.await.unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn collector_commits_positions_with_lines_and_resumes_from_them() {
         let dir = tempfile::tempdir().unwrap();
