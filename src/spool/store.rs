@@ -53,7 +53,7 @@ struct State {
     global: GlobalMeta,
     /// Readings that could not be committed (storage error), per stream; reported on the loss
     /// stream by the next commit that succeeds.
-    unreported_failures: BTreeMap<String, u64>,
+    unreported_failures: BTreeMap<(String, &'static str), u64>,
 }
 
 impl State {
@@ -422,6 +422,7 @@ impl Spool {
     /// Commits a group of intakes: assigns seqs, packs chunks, applies the byte cap, writes one
     /// batch and flushes it. When this returns `Ok`, every stored record is accepted.
     pub fn commit(&self, group: &[Intake]) -> Result<CommitSummary, SpoolError> {
+        self.check_space(group)?;
         let settings = &self.inner.settings;
         let mut state = self.lock();
         let mut metas = state.metas.clone();
@@ -542,13 +543,13 @@ impl Spool {
                 )
             })
             .collect();
-        for (stream, count) in &state.unreported_failures {
+        for ((stream, reason), count) in &state.unreported_failures {
             loss_readings.push((
                 committed_ms,
                 Body::Fields(vec![
                     ("stream".into(), Value::Str(stream.clone())),
                     ("count".into(), Value::U64(*count)),
-                    ("reason".into(), Value::Str("spool_write_failed".into())),
+                    ("reason".into(), Value::Str((*reason).into())),
                 ]),
             ));
         }
@@ -604,15 +605,45 @@ impl Spool {
     }
 
     /// Remembers readings that could not be committed, to report them on the loss stream with
-    /// the next successful commit.
-    pub fn note_failed(&self, group: &[Intake]) {
+    /// the next successful commit (reason `disk_full` or `spool_write_failed`).
+    pub fn note_failed(&self, group: &[Intake], error: &SpoolError) {
+        let reason = match error {
+            SpoolError::DiskFull { .. } => "disk_full",
+            _ => "spool_write_failed",
+        };
         let mut state = self.lock();
         for r in group.iter().flat_map(|i| &i.readings) {
             *state
                 .unreported_failures
-                .entry(r.stream.clone())
+                .entry((r.stream.clone(), reason))
                 .or_default() += 1;
         }
+    }
+
+    /// Refuses to write when the spool's filesystem has less than `min_free_bytes` (plus what
+    /// this group needs) free. sled poisons its database on the first ENOSPC until it is
+    /// reopened, so running out must never reach sled.
+    fn check_space(&self, group: &[Intake]) -> Result<(), SpoolError> {
+        let reserve = self.inner.settings.min_free_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let Ok(st) = nix::sys::statvfs::statvfs(&self.inner.settings.dir) else {
+            return Ok(());
+        };
+        // The statvfs field types are 32-bit on armhf, 64-bit here.
+        #[allow(clippy::useless_conversion)]
+        let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
+        // sled writes about twice what it stores.
+        let need: u64 = group
+            .iter()
+            .flat_map(|i| &i.readings)
+            .map(|r| 64 + 2 * body_size(&r.body))
+            .sum();
+        if free < reserve + need {
+            return Err(SpoolError::DiskFull { free, reserve });
+        }
+        Ok(())
     }
 
     /// The oldest stored chunk of any stream but `skip`, after the per-stream `from` bounds.
@@ -659,15 +690,7 @@ impl Spool {
         if readable == 0 {
             return Ok(None);
         }
-        let streams: Vec<(u32, String)> = {
-            let state = self.lock();
-            state
-                .metas
-                .iter()
-                .filter(|(_, m)| m.chunks > 0)
-                .map(|(id, m)| (*id, m.name.clone()))
-                .collect()
-        };
+        let streams = self.streams_with_data();
         let tree = &self.inner.tree;
         let range = |sid: u32| {
             let start = cursors.get(&sid).map_or(0, |c| c + 1);
@@ -732,29 +755,41 @@ impl Spool {
     /// Deletes acknowledged chunks. Chunks already gone (evicted meanwhile, or acked twice)
     /// are skipped. Not flushed: a lost deletion only causes a resend.
     pub fn ack(&self, stream_id: u32, chunk_ids: &[u64]) -> Result<u64, SpoolError> {
+        self.ack_many(&[(stream_id, chunk_ids.to_vec())])
+    }
+
+    /// [`Spool::ack`] for several streams in one sled batch; returns the records deleted.
+    pub fn ack_many(&self, acked: &[(u32, Vec<u64>)]) -> Result<u64, SpoolError> {
         let mut state = self.lock();
-        let Some(mut meta) = state.metas.get(&stream_id).cloned() else {
-            return Ok(0);
-        };
         let mut batch = sled::Batch::default();
+        let mut changed: Vec<(u32, StreamMeta)> = Vec::new();
         let mut removed = 0;
-        for &cid in chunk_ids {
-            let key = keys::chunk(stream_id, cid);
-            if let Some(v) = self.inner.tree.get(key)? {
-                let h: Header = chunk::header(&v)?;
-                meta.records -= h.count as u64;
-                meta.bytes -= (v.len() + key.len()) as u64;
-                meta.chunks -= 1;
-                removed += h.count as u64;
-                batch.remove(&key);
+        for (stream_id, chunk_ids) in acked {
+            let Some(mut meta) = state.metas.get(stream_id).cloned() else {
+                continue;
+            };
+            let before = removed;
+            for &cid in chunk_ids {
+                let key = keys::chunk(*stream_id, cid);
+                if let Some(v) = self.inner.tree.get(key)? {
+                    let h: Header = chunk::header(&v)?;
+                    meta.records -= h.count as u64;
+                    meta.bytes -= (v.len() + key.len()) as u64;
+                    meta.chunks -= 1;
+                    removed += h.count as u64;
+                    batch.remove(&key);
+                }
+            }
+            if removed > before {
+                batch.insert(&keys::stream(*stream_id), encode_meta(&meta));
+                changed.push((*stream_id, meta));
             }
         }
-        if removed == 0 {
+        if changed.is_empty() {
             return Ok(0);
         }
-        batch.insert(&keys::stream(stream_id), encode_meta(&meta));
         self.inner.tree.apply_batch(batch)?;
-        state.metas.insert(stream_id, meta);
+        state.metas.extend(changed);
         Ok(removed)
     }
 
@@ -788,17 +823,20 @@ impl Spool {
         }
     }
 
+    /// Id and name of every stream that has stored chunks.
+    fn streams_with_data(&self) -> Vec<(u32, String)> {
+        let state = self.lock();
+        state
+            .metas
+            .iter()
+            .filter(|(_, m)| m.chunks > 0)
+            .map(|(id, m)| (*id, m.name.clone()))
+            .collect()
+    }
+
     /// Commit time of the oldest stored chunk of each stream.
     pub fn oldest_committed_ms(&self) -> HashMap<String, u64> {
-        let streams: Vec<(u32, String)> = {
-            let state = self.lock();
-            state
-                .metas
-                .iter()
-                .filter(|(_, m)| m.chunks > 0)
-                .map(|(id, m)| (*id, m.name.clone()))
-                .collect()
-        };
+        let streams = self.streams_with_data();
         let mut out = HashMap::new();
         for (sid, name) in streams {
             let head = self
@@ -904,6 +942,14 @@ impl Spool {
             error!(error = %e, "Cannot measure the spool's size on disk.");
             0
         })
+    }
+}
+
+/// Rough encoded size of a body, for the free-space check.
+fn body_size(body: &Body) -> u64 {
+    match body {
+        Body::Line(l) => l.len() as u64,
+        Body::Fields(f) => f.iter().map(|(k, _)| k.len() as u64 + 9).sum(),
     }
 }
 

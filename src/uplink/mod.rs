@@ -49,6 +49,10 @@ const EVENT_CAPACITY: usize = 64;
 /// disconnect and slack. The window gate keeps it from filling; `try_publish` failing means
 /// a bug, and ends the epoch.
 const REQUEST_SLACK: usize = 40;
+/// Acknowledged chunks deleted together (see [`PendingDeletes`]).
+const DELETE_BATCH: usize = 256;
+/// An acknowledged chunk waits at most this long for its deletion.
+const DELETE_LINGER: Duration = Duration::from_millis(200);
 /// How long to wait for the DISCONNECT to be written at shutdown.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 
@@ -85,6 +89,124 @@ pub struct CommandLink {
     pub acks: mpsc::Receiver<AckRequest>,
 }
 
+/// Acknowledged chunks not deleted yet. Deleting is lazy by contract (a lost deletion only
+/// causes a resend), so PUBACKs are collected and deleted in one batch every
+/// [`DELETE_BATCH`] chunks or [`DELETE_LINGER`], and at the end of every epoch.
+#[derive(Default)]
+struct PendingDeletes {
+    by_stream: HashMap<u32, Vec<u64>>,
+    chunks: usize,
+    since: Option<Instant>,
+}
+
+impl PendingDeletes {
+    fn add(&mut self, sent: Sent) {
+        self.chunks += sent.chunk_ids.len();
+        self.by_stream
+            .entry(sent.stream_id)
+            .or_default()
+            .extend(sent.chunk_ids);
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn due(&self) -> Option<Instant> {
+        self.since.map(|t| t + DELETE_LINGER)
+    }
+}
+
+/// One message ready to publish.
+struct Prepared {
+    topic: String,
+    payload: Vec<u8>,
+    sent: Sent,
+    /// Larger than the packet limit: cannot be sent.
+    oversize: bool,
+}
+
+struct PrepareOutcome {
+    messages: Vec<Prepared>,
+    cursors: HashMap<u32, u64>,
+    /// When the batch held back by `linger` is due (ms since the epoch).
+    linger_due_ms: Option<u64>,
+    /// The spool had nothing more to send.
+    exhausted: bool,
+}
+
+/// Reads and encodes up to `count` messages; runs on the blocking pool.
+struct PrepareJob {
+    spool: Spool,
+    cursors: HashMap<u32, u64>,
+    limits: crate::config::BatchLimits,
+    max_packet_bytes: usize,
+    topics: Topics,
+    origin: Origin,
+    ignore_linger: bool,
+    count: usize,
+}
+
+impl PrepareJob {
+    fn run(mut self) -> Result<PrepareOutcome, crate::spool::SpoolError> {
+        let mut messages = Vec::new();
+        let mut linger_due_ms = None;
+        let mut exhausted = false;
+        while messages.len() < self.count {
+            let Some(batch) = self.spool.next_batch(&self.cursors, &self.limits)? else {
+                exhausted = true;
+                break;
+            };
+            let is_reply = batch.stream == COMMANDS_STREAM;
+            if !batch.full && !is_reply && !self.ignore_linger && !self.limits.linger.is_zero() {
+                let due = batch.chunks[0].committed_ms + self.limits.linger.as_millis() as u64;
+                if now_ms() < due {
+                    linger_due_ms = Some(due);
+                    break;
+                }
+            }
+            let (topic, payload, used) = if is_reply {
+                let record = &batch.chunks[0].records[0];
+                (
+                    self.topics.replies(),
+                    payload::encode_reply(&self.origin, record),
+                    1,
+                )
+            } else {
+                let (p, used) = payload::encode(
+                    &self.origin,
+                    &batch.stream,
+                    &batch.chunks,
+                    self.limits.max_bytes,
+                );
+                (self.topics.data(&batch.stream), p, used)
+            };
+            let chunks = &batch.chunks[..used];
+            let last = chunks
+                .last()
+                .expect("encode uses at least one chunk")
+                .chunk_id;
+            self.cursors.insert(batch.stream_id, last);
+            let sent = Sent {
+                stream_id: batch.stream_id,
+                chunk_ids: chunks.iter().map(|c| c.chunk_id).collect(),
+                records: chunks.iter().map(|c| c.records.len() as u64).sum(),
+            };
+            // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
+            let oversize = payload.len() + topic.len() + 9 > self.max_packet_bytes;
+            messages.push(Prepared {
+                topic,
+                payload,
+                sent,
+                oversize,
+            });
+        }
+        Ok(PrepareOutcome {
+            messages,
+            cursors: self.cursors,
+            linger_due_ms,
+            exhausted,
+        })
+    }
+}
+
 /// A published data message whose PUBACK is awaited.
 #[derive(Debug, Clone)]
 struct Sent {
@@ -116,6 +238,7 @@ fn failed(error: impl Into<String>, was_connected: bool) -> EpochEnd {
 struct EpochCtx {
     s: UplinkSettings,
     topics: Topics,
+    commands_topic: String,
     origin: Origin,
     epoch: u64,
 }
@@ -180,8 +303,10 @@ impl Uplink {
         loop {
             epoch += 1;
             let s = self.settings.borrow_and_update().clone();
+            let topics = Topics::new(&s.topic_prefix, &s.device_id);
             let ctx = EpochCtx {
-                topics: Topics::new(&s.topic_prefix, &s.device_id),
+                commands_topic: topics.commands(),
+                topics,
                 origin: Origin {
                     device: s.device_id.clone(),
                     boot: self.boot.clone(),
@@ -239,7 +364,22 @@ impl Uplink {
         info!("Uplink stopped.");
     }
 
-    async fn epoch(&mut self, ctx: &EpochCtx, mut link: Option<&mut CommandLink>) -> EpochEnd {
+    async fn epoch(&mut self, ctx: &EpochCtx, link: Option<&mut CommandLink>) -> EpochEnd {
+        let mut deletes = PendingDeletes::default();
+        let end = self.epoch_inner(ctx, link, &mut deletes).await;
+        // Acknowledged chunks are deleted before the next epoch reads the spool again.
+        if let Err(e) = self.delete_acked(&mut deletes).await {
+            warn!(error = %e, "Cannot delete acknowledged records; they will be sent again.");
+        }
+        end
+    }
+
+    async fn epoch_inner(
+        &mut self,
+        ctx: &EpochCtx,
+        mut link: Option<&mut CommandLink>,
+        deletes: &mut PendingDeletes,
+    ) -> EpochEnd {
         let s = &ctx.s;
         let (opts, net) = match options::build(s, &ctx.topics, &self.boot) {
             Ok(o) => o,
@@ -287,7 +427,7 @@ impl Uplink {
         info!(broker = %format!("{}:{}", s.host, s.port), client_id = %s.client_id, tls = s.tls.is_some(), "Connected to the broker.");
 
         // Subscribe before any publish, so its packet id cannot collide with one (rumqtt #1057).
-        let commands_topic = ctx.topics.commands();
+        let commands_topic = &ctx.commands_topic;
         if link.is_some()
             && let Err(e) = client.try_subscribe(commands_topic.clone(), QoS::AtLeastOnce)
         {
@@ -306,6 +446,11 @@ impl Uplink {
 
         let mut cursors: HashMap<u32, u64> = HashMap::new();
         let mut committed = self.spool.subscribe();
+        // rumqttc notices a dead link only when a ping finds the previous one unanswered (up to
+        // 2-3x keepalive). It pings every keepalive, so on a live link something arrives at
+        // least that often: silence for 1.5x keepalive means the link is gone.
+        let silence_limit = (!s.keepalive.is_zero()).then(|| s.keepalive * 3 / 2);
+        let mut last_rx = Instant::now();
         let mut linger_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
         let mut flush_now = false;
@@ -314,7 +459,14 @@ impl Uplink {
         loop {
             if draining.is_none() {
                 match self
-                    .fill(ctx, &client, &mut inflight, &mut cursors, &mut flush_now)
+                    .fill(
+                        ctx,
+                        &client,
+                        &mut inflight,
+                        &mut cursors,
+                        &mut flush_now,
+                        deletes,
+                    )
                     .await
                 {
                     Ok(next) => linger_until = next,
@@ -324,7 +476,14 @@ impl Uplink {
                 break;
             }
             tokio::select! {
-                _ = tick.tick() => self.heartbeat.touch(),
+                _ = tick.tick() => {
+                    self.heartbeat.touch();
+                    if let Some(limit) = silence_limit
+                        && last_rx.elapsed() > limit
+                    {
+                        return failed(format!("nothing received from the broker for {} s (1.5x keepalive): the link is dead", last_rx.elapsed().as_secs()), true);
+                    }
+                }
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     debug!(in_flight = inflight.data_len(), "Shutdown: waiting for outstanding PUBACKs.");
                     draining = Some(Instant::now() + s.shutdown_grace);
@@ -342,8 +501,16 @@ impl Uplink {
                 }
                 ev = events.recv() => match ev {
                     Some(Ok(ev)) => {
-                        if let Err(end) = self.on_event(ctx, ev, &mut inflight, &client, link.as_deref_mut(), &commands_topic).await {
+                        if matches!(ev, Event::Incoming(_)) {
+                            last_rx = Instant::now();
+                        }
+                        if let Err(end) = self.on_event(ctx, ev, &mut inflight, &client, link.as_deref_mut(), deletes).await {
                             return end;
+                        }
+                        if deletes.chunks >= DELETE_BATCH
+                            && let Err(e) = self.delete_acked(deletes).await
+                        {
+                            return EpochEnd::Failed { error: e, serious: true, was_connected: true };
                         }
                     }
                     Some(Err(e)) => return describe(&e, true),
@@ -364,6 +531,11 @@ impl Uplink {
                     }
                 }
                 _ = tokio::time::sleep_until(linger_until.unwrap_or_else(far)), if linger_until.is_some() => {}
+                _ = tokio::time::sleep_until(deletes.due().unwrap_or_else(far)), if deletes.due().is_some() => {
+                    if let Err(e) = self.delete_acked(deletes).await {
+                        return EpochEnd::Failed { error: e, serious: true, was_connected: true };
+                    }
+                }
             }
         }
 
@@ -394,7 +566,8 @@ impl Uplink {
     }
 
     /// Publishes batches until the window is full or nothing is ready. Returns when a
-    /// lingering batch becomes due, if one is waiting.
+    /// lingering batch becomes due, if one is waiting. Reading and encoding run on the blocking
+    /// pool, several batches per trip, while rumqttc's own task keeps the socket busy.
     async fn fill(
         &self,
         ctx: &EpochCtx,
@@ -402,13 +575,25 @@ impl Uplink {
         inflight: &mut Inflight<Sent>,
         cursors: &mut HashMap<u32, u64>,
         flush_now: &mut bool,
+        deletes: &mut PendingDeletes,
     ) -> Result<Option<Instant>, EpochEnd> {
         let s = &ctx.s;
-        while inflight.data_len() < s.window {
-            let spool = self.spool.clone();
-            let cur = cursors.clone();
-            let limits = s.batch;
-            let batch = tokio::task::spawn_blocking(move || spool.next_batch(&cur, &limits))
+        loop {
+            let free = s.window.saturating_sub(inflight.data_len());
+            if free == 0 {
+                return Ok(None);
+            }
+            let job = PrepareJob {
+                spool: self.spool.clone(),
+                cursors: cursors.clone(),
+                limits: s.batch,
+                max_packet_bytes: s.max_packet_bytes,
+                topics: ctx.topics.clone(),
+                origin: ctx.origin.clone(),
+                ignore_linger: *flush_now,
+                count: free,
+            };
+            let prepared = tokio::task::spawn_blocking(move || job.run())
                 .await
                 .map_err(|e| failed(format!("spool read panicked: {e}"), true))?
                 .map_err(|e| EpochEnd::Failed {
@@ -416,56 +601,36 @@ impl Uplink {
                     serious: true,
                     was_connected: true,
                 })?;
-            let Some(batch) = batch else {
-                *flush_now = false;
-                return Ok(None);
-            };
-            let is_reply = batch.stream == COMMANDS_STREAM;
-            if !batch.full && !is_reply && !*flush_now && !s.batch.linger.is_zero() {
-                let due = batch.chunks[0].committed_ms + s.batch.linger.as_millis() as u64;
-                let now = now_ms();
-                if now < due {
-                    return Ok(Some(Instant::now() + Duration::from_millis(due - now)));
+            *cursors = prepared.cursors;
+            let got = prepared.messages.len();
+            for m in prepared.messages {
+                if m.oversize {
+                    error!(
+                        bytes = m.payload.len(),
+                        records = m.sent.records,
+                        "A stored chunk is larger than uplink.max_packet_bytes allows; it cannot be sent and is dropped."
+                    );
+                    deletes.add(m.sent);
+                    continue;
                 }
+                client
+                    .try_publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+                    .map_err(|e| failed(format!("cannot queue a publish: {e}"), true))?;
+                self.stats
+                    .messages_published
+                    .fetch_add(1, Ordering::Relaxed);
+                inflight.queued(Tag::Data(m.sent));
             }
-            let (topic, payload, used) = if is_reply {
-                let record = &batch.chunks[0].records[0];
-                (
-                    ctx.topics.replies(),
-                    payload::encode_reply(&ctx.origin, record),
-                    1,
-                )
-            } else {
-                let (p, used) =
-                    payload::encode(&ctx.origin, &batch.stream, &batch.chunks, s.batch.max_bytes);
-                (ctx.topics.data(&batch.stream), p, used)
-            };
-            let chunks = &batch.chunks[..used];
-            let last = chunks
-                .last()
-                .expect("encode uses at least one chunk")
-                .chunk_id;
-            cursors.insert(batch.stream_id, last);
-            let sent = Sent {
-                stream_id: batch.stream_id,
-                chunk_ids: chunks.iter().map(|c| c.chunk_id).collect(),
-                records: chunks.iter().map(|c| c.records.len() as u64).sum(),
-            };
-            // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
-            if payload.len() + topic.len() + 9 > s.max_packet_bytes {
-                error!(stream = %batch.stream, bytes = payload.len(), records = sent.records, "A stored chunk is larger than uplink.max_packet_bytes allows; it cannot be sent and is dropped.");
-                self.ack(sent).await?;
-                continue;
+            if prepared.exhausted {
+                *flush_now = false;
             }
-            client
-                .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                .map_err(|e| failed(format!("cannot queue a publish: {e}"), true))?;
-            self.stats
-                .messages_published
-                .fetch_add(1, Ordering::Relaxed);
-            inflight.queued(Tag::Data(sent));
+            if got < free {
+                let now = now_ms();
+                return Ok(prepared
+                    .linger_due_ms
+                    .map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(now))));
+            }
         }
-        Ok(None)
     }
 
     async fn on_event(
@@ -475,8 +640,9 @@ impl Uplink {
         inflight: &mut Inflight<Sent>,
         client: &AsyncClient,
         link: Option<&mut CommandLink>,
-        commands_topic: &str,
+        deletes: &mut PendingDeletes,
     ) -> Result<(), EpochEnd> {
+        let commands_topic = ctx.commands_topic.as_str();
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => match inflight.on_outgoing(pkid) {
                 Bind::Unexpected => {
@@ -495,7 +661,10 @@ impl Uplink {
             }
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(Tag::Data(sent)) = inflight.on_puback(ack.pkid) {
-                    self.ack(sent).await?;
+                    self.stats
+                        .records_acked
+                        .fetch_add(sent.records, Ordering::Relaxed);
+                    deletes.add(sent);
                 }
             }
             Event::Incoming(Packet::SubAck(ack)) => {
@@ -529,20 +698,19 @@ impl Uplink {
         Ok(())
     }
 
-    async fn ack(&self, sent: Sent) -> Result<(), EpochEnd> {
+    /// Deletes the chunks acknowledged so far, in one sled batch.
+    async fn delete_acked(&self, deletes: &mut PendingDeletes) -> Result<(), String> {
+        if deletes.chunks == 0 {
+            return Ok(());
+        }
+        let acked: Vec<(u32, Vec<u64>)> = deletes.by_stream.drain().collect();
+        deletes.chunks = 0;
+        deletes.since = None;
         let spool = self.spool.clone();
-        let records = sent.records;
-        tokio::task::spawn_blocking(move || spool.ack(sent.stream_id, &sent.chunk_ids))
+        tokio::task::spawn_blocking(move || spool.ack_many(&acked))
             .await
-            .map_err(|e| failed(format!("spool ack panicked: {e}"), true))?
-            .map_err(|e| EpochEnd::Failed {
-                error: format!("cannot delete acknowledged records: {e}"),
-                serious: true,
-                was_connected: true,
-            })?;
-        self.stats
-            .records_acked
-            .fetch_add(records, Ordering::Relaxed);
+            .map_err(|e| format!("spool delete panicked: {e}"))?
+            .map_err(|e| format!("cannot delete acknowledged records: {e}"))?;
         Ok(())
     }
 }

@@ -1,0 +1,647 @@
+//! Helpers shared by the benchmarks: the sample reading, child processes that are always
+//! reaped, a private Mosquitto, a counting subscriber, `/proc` sampling and the machine header.
+//!
+//! Every figure a benchmark prints is a ratio against a baseline measured in the same run: the
+//! machine is shared and noisy, so absolute numbers only make sense next to their baseline.
+
+// Each benchmark uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use ferry::record::{Body, Reading, Value};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+/// Base sample time of generated readings (2026-11-25, ms since the epoch).
+const BASE_TS_MS: u64 = 1_795_600_000_000;
+
+/// The `i`-th generated reading of `stream`: five numeric fields named like the system
+/// collector's, about 100 bytes once encoded by the spool (postcard), about 150 as JSON.
+pub fn sample_reading(stream: &str, i: u64) -> Reading {
+    let f = |k: &str, v: Value| (k.to_string(), v);
+    Reading {
+        stream: stream.to_string(),
+        ts_ms: BASE_TS_MS + i * 1000,
+        body: Body::Fields(vec![
+            f("cpu.total_pct", Value::F64((i % 1000) as f64 / 10.0 + 0.05)),
+            f("load.1m", Value::F64(0.25 + (i % 7) as f64 / 100.0)),
+            f("mem.used_bytes", Value::U64(1_500_000_000 + i * 4096)),
+            f("mem.available_bytes", Value::U64(2_500_000_000 - i * 4096)),
+            f("uptime_s", Value::U64(86_400 + i)),
+        ]),
+    }
+}
+
+/// True when run by `cargo bench` (which passes `--bench`). `cargo test --all-targets` also
+/// runs `harness = false` benches, without it: they then return at once instead of taking
+/// minutes.
+pub fn skip_unless_cargo_bench(name: &str) -> bool {
+    if std::env::args().any(|a| a == "--bench") {
+        return false;
+    }
+    println!("{name}: skipped (not run by `cargo bench`); run `cargo bench --bench {name}`");
+    true
+}
+
+/// Median of a non-empty list.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// A numeric setting from the environment, or its default.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid number")),
+        Err(_) => default,
+    }
+}
+
+/// Where benchmarks put their temporary directories: `FERRY_BENCH_DIR`, else the system temp
+/// dir. Must be a real disk (not tmpfs), or every fsync is free.
+pub fn scratch_base() -> PathBuf {
+    std::env::var_os("FERRY_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// A fresh directory under [`scratch_base`], removed on drop (and by the signal thread if the
+/// bench is interrupted).
+pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(scratch_base())
+        .expect("cannot create a temp dir under the scratch base");
+    live_dirs()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dir.path().to_path_buf());
+    dir
+}
+
+fn live_dirs() -> &'static Mutex<Vec<PathBuf>> {
+    static DIRS: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
+    // Make sure the signal thread exists before anything needs cleaning up.
+    let _ = live_children();
+    DIRS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Total size of the files under `dir`.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// One line describing the machine and the time of the run, printed above every table.
+pub fn machine_header() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let debian = std::fs::read_to_string("/etc/debian_version")
+        .map(|s| format!("Debian {}", s.trim()))
+        .unwrap_or_else(|_| "unknown OS".into());
+    let date = command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    format!(
+        "{date} | {debian}, kernel {kernel}, {} | nproc {nproc} | CPU {cpu} | loadavg {load}",
+        std::env::consts::ARCH
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// PIDs of live children, killed by the signal thread if the bench is interrupted (Drop guards
+/// cover panics; a SIGINT/SIGTERM would otherwise leave mosquitto or ferry running).
+fn live_children() -> &'static Mutex<HashSet<u32>> {
+    static LIVE: OnceLock<Mutex<HashSet<u32>>> = OnceLock::new();
+    LIVE.get_or_init(|| {
+        if let Ok(mut signals) = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ]) {
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    let pids: Vec<u32> = live_children()
+                        .lock()
+                        .map(|s| s.iter().copied().collect())
+                        .unwrap_or_default();
+                    for pid in &pids {
+                        let _ = Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .status();
+                    }
+                    let dirs: Vec<PathBuf> =
+                        live_dirs().lock().map(|d| d.clone()).unwrap_or_default();
+                    for d in &dirs {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
+                    eprintln!("interrupted: killed {} child process(es)", pids.len());
+                    std::process::exit(130);
+                }
+            });
+        }
+        Mutex::new(HashSet::new())
+    })
+}
+
+/// A child process that is killed and reaped when dropped (also on panic and on SIGINT).
+pub struct ChildGuard {
+    child: Child,
+    name: String,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, cmd: &mut Command) -> std::io::Result<ChildGuard> {
+        let live = live_children();
+        let child = cmd.spawn()?;
+        live.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(child.id());
+        Ok(ChildGuard {
+            child,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// True once the process has exited.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then SIGKILL if it is still running after `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        if self.exited() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "{} (pid {}) ignored SIGTERM for {grace:?}; killing it",
+            self.name,
+            self.child.id()
+        );
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        live_children()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.child.id());
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("cannot bind a loopback port")
+        .port()
+}
+
+/// A field of `/proc/<pid>/status` in kB (e.g. `VmRSS`, `VmHWM`, `RssAnon`).
+pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A field of `/proc/<pid>/io` in bytes (e.g. `write_bytes`: what the process caused to be
+/// written to storage).
+pub fn proc_io(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// User + system CPU time of a process so far (from `/proc/<pid>/stat`, all threads).
+pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    let tck = *TCK.get_or_init(|| {
+        command_output("getconf", &["CLK_TCK"])
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(100.0)
+    });
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3 (state).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / tck))
+}
+
+/// Samples a process's VmRSS every `every` on a thread until stopped; keeps the largest value.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32, every: Duration) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut max = 0;
+            while !flag.load(Ordering::Relaxed) {
+                match proc_status_kb(pid, "VmRSS") {
+                    Some(kb) => max = max.max(kb),
+                    None => break,
+                }
+                std::thread::sleep(every);
+            }
+            max
+        });
+        RssSampler {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Largest sampled VmRSS in kB.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .map(|h| h.join().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ferry
+
+/// The release `ferry` binary: `FERRY_BIN`, else the one cargo built for this bench target
+/// (same profile settings as `cargo build --release`: the bench profile inherits release).
+pub fn ferry_bin() -> PathBuf {
+    let p = std::env::var_os("FERRY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")));
+    assert!(
+        p.is_file(),
+        "ferry binary {} not found: run `cargo build --release` or set FERRY_BIN",
+        p.display()
+    );
+    p
+}
+
+/// A running `ferry run --config FILE`; its stderr (the log) is read by a thread that stamps
+/// each line with the moment it arrived, so phases can be timed from the log.
+pub struct Ferry {
+    pub guard: ChildGuard,
+    pub started: Instant,
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Ferry {
+    pub fn spawn(bin: &Path, config: &Path) -> Ferry {
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut guard = ChildGuard::spawn("ferry", &mut cmd).expect("cannot start ferry");
+        let stderr = guard.child_mut().stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((Instant::now(), line));
+            }
+        });
+        Ferry {
+            guard,
+            started,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// When the first log line containing `needle` arrived.
+    pub fn logged(&self, needle: &str) -> Option<Instant> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, l)| format!("{l}\n"))
+            .collect()
+    }
+
+    /// Log lines at WARN or ERROR.
+    pub fn problems(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, l)| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mosquitto
+
+/// A private Mosquitto on a free loopback port, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    guard: ChildGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts one; the queues towards subscribers are unbounded so a subscriber that lags never
+    /// makes the broker drop a message (a drop would show up as a missing seq).
+    pub fn start() -> Mosquitto {
+        let dir = tempdir("ferry-bench-mosq-");
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.path().join("mosquitto.conf");
+            let log = dir.path().join("mosquitto.log");
+            std::fs::write(
+                &conf,
+                format!(
+                    "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     max_queued_messages 0\nmax_inflight_messages 0\n\
+                     log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n",
+                    log.display()
+                ),
+            )
+            .expect("cannot write mosquitto.conf");
+            let mut cmd = Command::new("mosquitto");
+            cmd.arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let mut guard = ChildGuard::spawn("mosquitto", &mut cmd)
+                .expect("cannot start mosquitto (apt-get install mosquitto)");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut up = false;
+            while Instant::now() < deadline && !guard.exited() {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // It accepts for a moment even when it is about to die; check it stays.
+                    std::thread::sleep(Duration::from_millis(50));
+                    up = !guard.exited();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if up {
+                return Mosquitto {
+                    port,
+                    guard,
+                    _dir: dir,
+                };
+            }
+            last_error = std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        panic!("mosquitto did not start on a free port: {last_error}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counting subscriber
+
+/// What the subscriber saw.
+#[derive(Debug, Clone)]
+pub struct Count {
+    pub distinct: u64,
+    pub duplicates: u64,
+    pub messages: u64,
+    pub payload_bytes: u64,
+    pub first: Option<Instant>,
+    /// When the last missing seq arrived (all of them, if `distinct` is the expected count).
+    pub done: Option<Instant>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    records: Vec<SeqOnly>,
+}
+
+#[derive(Deserialize)]
+struct SeqOnly {
+    seq: u64,
+}
+
+/// A subscriber on its own thread that parses each message's `records` array and stops once
+/// every seq in `1..=expected` arrived (or `timeout` passed).
+pub struct Counter {
+    result: mpsc::Receiver<Result<Count, String>>,
+}
+
+impl Counter {
+    /// Connects and subscribes; returns once the broker granted the subscription.
+    pub fn start(port: u16, filter: &str, expected: u64, timeout: Duration) -> Counter {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (result_tx, result) = mpsc::channel();
+        let filter = filter.to_string();
+        std::thread::spawn(move || {
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(count(port, filter, expected, timeout, ready_tx)));
+            let _ = result_tx.send(r);
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(()) => Counter { result },
+            Err(_) => match result.try_recv() {
+                Ok(Err(e)) => panic!("subscriber failed: {e}"),
+                _ => panic!("subscriber did not get its SUBACK in 10 s"),
+            },
+        }
+    }
+
+    /// Waits for the result; gives up early once `alive` says the sender is gone.
+    pub fn wait_while(self, mut alive: impl FnMut() -> bool) -> Result<Count, String> {
+        loop {
+            match self.result.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) => return r,
+                Err(mpsc::RecvTimeoutError::Timeout) if !alive() => {
+                    // Let the last messages in flight arrive before giving up.
+                    return self
+                        .result
+                        .recv_timeout(Duration::from_secs(1))
+                        .unwrap_or_else(|_| {
+                            Err("the sender exited before the drain finished".into())
+                        });
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err("subscriber thread ended without a result".into());
+                }
+            }
+        }
+    }
+}
+
+async fn count(
+    port: u16,
+    filter: String,
+    expected: u64,
+    timeout: Duration,
+    ready: mpsc::Sender<()>,
+) -> Result<Count, String> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let id = format!(
+        "bench-counter-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut el) = AsyncClient::new(o, 16);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen = vec![false; expected as usize + 1];
+    let mut c = Count {
+        distinct: 0,
+        duplicates: 0,
+        messages: 0,
+        payload_bytes: 0,
+        first: None,
+        done: None,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut subscribed = false;
+    while c.distinct < expected {
+        let ev = match tokio::time::timeout_at(deadline, el.poll()).await {
+            Err(_) if subscribed => return Ok(c),
+            Err(_) => return Err("no SUBACK before the deadline".into()),
+            Ok(Err(e)) => return Err(format!("subscriber connection failed: {e}")),
+            Ok(Ok(ev)) => ev,
+        };
+        match ev {
+            Event::Incoming(Packet::SubAck(_)) if !subscribed => {
+                subscribed = true;
+                let _ = ready.send(());
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                let now = Instant::now();
+                c.first.get_or_insert(now);
+                c.messages += 1;
+                c.payload_bytes += p.payload.len() as u64;
+                let m: Message = serde_json::from_slice(&p.payload)
+                    .map_err(|e| format!("message is not ferry's JSON: {e}"))?;
+                for r in m.records {
+                    match seen.get_mut(r.seq as usize) {
+                        Some(s) if !*s => {
+                            *s = true;
+                            c.distinct += 1;
+                        }
+                        Some(_) => c.duplicates += 1,
+                        None => return Err(format!("unexpected seq {}", r.seq)),
+                    }
+                }
+                if c.distinct == expected {
+                    c.done = Some(now);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(c)
+}
