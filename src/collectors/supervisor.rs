@@ -228,3 +228,43 @@ async fn supervise(config: CollectorConfig, ctx: CollectorContext, stats: Arc<Co
     }
     info!(collector = %ctx.name, "Collector stopped.");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A serial collector on a device that does not exist fails at once, every time.
+    fn failing() -> CollectorConfig {
+        CollectorConfig::from_yaml(
+            serde_yaml::from_str("type: serial\nname: gone\npath: /nonexistent/ttyUSB7\n").unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn restarts(s: &Supervisor) -> u64 {
+        s.states()[0].restarts
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_collector_is_restarted_with_backoff_and_counted() {
+        let (tx, _rx) = mpsc::channel(8);
+        let mut sup = Supervisor::new(tx, Positions::in_memory(), CancellationToken::new());
+        sup.apply(&[failing()]);
+        let start = tokio::time::Instant::now();
+        // Paused time: each backoff sleep is skipped as soon as everything else is idle.
+        while restarts(&sup) < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Four restarts: backoff ceilings 1 + 2 + 4 + 8 s at most (full jitter).
+        assert!(
+            start.elapsed() <= Duration::from_secs(16),
+            "{:?}",
+            start.elapsed()
+        );
+        // Backoff, not a busy loop: a minute of virtual time holds only a handful of restarts.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let n = restarts(&sup);
+        assert!((4..50).contains(&n), "{n} restarts");
+        assert!(sup.stop_all(Duration::from_secs(5)).await);
+    }
+}

@@ -23,6 +23,7 @@ pub mod agent;
 pub mod broker;
 pub mod pki;
 pub mod ports;
+pub mod pty;
 pub mod subscriber;
 
 use std::process::{Child, Command, ExitStatus, Stdio};
