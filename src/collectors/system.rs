@@ -227,12 +227,21 @@ impl Sampler {
         }
         if let Some(disks) = &mut self.disks {
             disks.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
-            let mut seen = std::collections::HashSet::new();
-            for d in disks.iter() {
+            // Bind mounts (e.g. systemd's sandbox, containers) list one filesystem under several
+            // mount points: unless mounts are chosen explicitly, report each filesystem once,
+            // under its shortest mount point.
+            let mut list: Vec<_> = disks.iter().collect();
+            list.sort_by_key(|d| d.mount_point().as_os_str().len());
+            let mut seen_mounts = std::collections::HashSet::new();
+            let mut seen_filesystems = std::collections::HashSet::new();
+            for d in list {
                 let mount = d.mount_point().to_string_lossy().into_owned();
-                if (!c.mounts.is_empty() && !c.mounts.contains(&mount))
-                    || !seen.insert(mount.clone())
-                {
+                let wanted = if c.mounts.is_empty() {
+                    seen_filesystems.insert((d.name().to_owned(), d.total_space()))
+                } else {
+                    c.mounts.contains(&mount)
+                };
+                if !wanted || !seen_mounts.insert(mount.clone()) {
                     continue;
                 }
                 let key = mount_key(&mount);
