@@ -446,7 +446,8 @@ impl Spool {
         }
 
         let committed_ms = now_ms();
-        let clock = self.clock();
+        // One look at the clock per commit: its sync check reads the file system.
+        let clock = self.clock().snapshot();
         let mut new_chunks: Vec<NewChunk> = Vec::new();
         for (stream, readings) in &by_stream {
             let stream: &str = stream;
