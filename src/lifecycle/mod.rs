@@ -423,6 +423,15 @@ impl Running {
                 "messages_published": u.messages_published.load(Ordering::Relaxed),
                 "records_acked": u.records_acked.load(Ordering::Relaxed),
             },
+            "counters": {
+                "collected": stats.counters.collected,
+                "committed": stats.counters.committed,
+                "published": u.records_published.load(Ordering::Relaxed),
+                "acked": u.records_acked.load(Ordering::Relaxed),
+                "resent": u.records_resent.load(Ordering::Relaxed),
+                "evicted": stats.streams.iter().map(|st| st.evicted).sum::<u64>(),
+                "lost_by_reason": stats.counters.lost,
+            },
             "spool": {
                 "records": stats.records,
                 "bytes": stats.bytes,

@@ -43,7 +43,9 @@ pub mod keys;
 mod store;
 pub mod writer;
 
-pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamReport, StreamStats};
+pub use store::{
+    Batch, ChunkData, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats,
+};
 
 use crate::record::Reading;
 

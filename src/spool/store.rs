@@ -47,7 +47,19 @@ struct GlobalMeta {
 /// sled lost its data.
 const MARKER: &str = "ferry-spool";
 
+/// Persisted totals, for status and self-metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Readings handed to the spool (stored or not).
+    pub collected: u64,
+    /// Readings stored (accepted).
+    pub committed: u64,
+    /// Records dropped, by reason, as reported on `ferry.loss` (by the spool or a collector).
+    pub lost: BTreeMap<String, u64>,
+}
+
 struct State {
+    counters: Counters,
     ids: HashMap<String, u32>,
     metas: BTreeMap<u32, StreamMeta>,
     global: GlobalMeta,
@@ -145,6 +157,7 @@ pub struct SpoolStats {
     pub records: u64,
     pub bytes: u64,
     pub streams: Vec<StreamStats>,
+    pub counters: Counters,
 }
 
 impl SpoolStats {
@@ -303,6 +316,10 @@ impl Spool {
                 GlobalMeta::default()
             }
         };
+        let counters: Counters = match tree.get(keys::COUNTERS)? {
+            Some(v) => decode_meta("counters", &v)?,
+            None => Counters::default(),
+        };
         let mut metas = BTreeMap::new();
         let mut ids = HashMap::new();
         for item in tree.scan_prefix([keys::STREAM]) {
@@ -324,6 +341,7 @@ impl Spool {
                 db,
                 settings: settings.clone(),
                 state: Mutex::new(State {
+                    counters,
                     ids,
                     metas,
                     global,
@@ -585,6 +603,22 @@ impl Spool {
                 batch.insert(&keys::stream(*sid), encode_meta(meta));
             }
         }
+        let mut counters = state.counters.clone();
+        let offered: u64 = group.iter().map(|i| i.readings.len() as u64).sum();
+        counters.collected += offered;
+        counters.committed += summary.accepted;
+        // Losses reported by collectors travel as readings on the loss stream.
+        for r in group
+            .iter()
+            .flat_map(|i| &i.readings)
+            .filter(|r| r.stream == LOSS_STREAM)
+        {
+            count_loss(&mut counters, &r.body);
+        }
+        for (_, body) in &loss_readings {
+            count_loss(&mut counters, body);
+        }
+        batch.insert(keys::COUNTERS, encode_meta(&counters));
         batch.insert(keys::GLOBAL, encode_meta(&global));
         for cp in &checkpoints {
             batch.insert(keys::position(&cp.source), cp.position.as_slice());
@@ -594,6 +628,7 @@ impl Spool {
         state.ids = ids;
         state.global = global;
         state.unreported_failures.clear();
+        state.counters = counters;
         let readable = global.next_chunk_id;
         drop(state);
 
@@ -614,6 +649,7 @@ impl Spool {
         };
         let mut state = self.lock();
         for r in group.iter().flat_map(|i| &i.readings) {
+            state.counters.collected += 1;
             *state
                 .unreported_failures
                 .entry((r.stream.clone(), reason))
@@ -821,6 +857,7 @@ impl Spool {
             records: streams.iter().map(|s| s.records).sum(),
             bytes: state.total_bytes(),
             streams,
+            counters: state.counters.clone(),
         }
     }
 
@@ -944,6 +981,21 @@ impl Spool {
             0
         })
     }
+}
+
+/// Adds a loss record's count to its reason's total.
+fn count_loss(counters: &mut Counters, body: &Body) {
+    let Body::Fields(fields) = body else { return };
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let Some(Value::Str(reason)) = get("reason") else {
+        return;
+    };
+    let count = match get("count") {
+        Some(Value::U64(n)) => *n,
+        Some(Value::I64(n)) => (*n).max(0) as u64,
+        _ => 1,
+    };
+    *counters.lost.entry(reason.clone()).or_default() += count;
 }
 
 /// Rough encoded size of a body, for the free-space check.

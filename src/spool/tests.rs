@@ -206,10 +206,14 @@ fn drop_oldest_evicts_oldest_and_reports_the_ranges() {
     }
     covered.sort();
     assert_eq!(covered, (1..left[0]).collect::<Vec<_>>());
-    // Counters persist.
+    // Counters persist, including the loss total by reason.
     drop(spool);
     let spool = Spool::open(&s).unwrap();
-    assert_eq!(spool.stats().stream("a").unwrap().evicted, evicted);
+    let stats = spool.stats();
+    assert_eq!(stats.stream("a").unwrap().evicted, evicted);
+    assert_eq!(stats.counters.lost.get("evicted"), Some(&evicted));
+    assert_eq!(stats.counters.collected, 2000);
+    assert_eq!(stats.counters.committed, 2000);
 }
 
 #[test]
