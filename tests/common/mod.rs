@@ -11,6 +11,10 @@
 //! - [`subscriber`]: an MQTT test client (rumqttc) that records everything it receives and
 //!   understands ferry's data and status messages.
 //! - [`agent`]: the real `ferry` binary as a child process, and its config builder.
+//! - [`drain`]: the end of a fault test: stop the agent, drain its spool, tally accepted seqs
+//!   against received ones.
+//! - [`proxy`]: a fault-injecting TCP proxy (cuts, blackhole, throttle, latency) to put between
+//!   the agent and the broker.
 //!
 //! Everything binds to 127.0.0.1 only. Child processes are killed on drop.
 //!
@@ -21,8 +25,10 @@
 
 pub mod agent;
 pub mod broker;
+pub mod drain;
 pub mod pki;
 pub mod ports;
+pub mod proxy;
 pub mod pty;
 pub mod subscriber;
 

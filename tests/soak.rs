@@ -1,0 +1,345 @@
+//! The soak run: ferry for a given time under a random, seeded mix of every fault the chaos
+//! tests inject one at a time, then one summary. Not part of the normal test run (ignored);
+//! `tests/soak.sh [SECONDS]` builds the release binary and runs it.
+//!
+//! Set-up as in tests/chaos.rs: Mosquitto with persistence, ferry -> fault proxy -> Mosquitto,
+//! a subscriber on the broker's own port, ferry with `SOAK_COLLECTORS` (default 8) system
+//! collectors at 200 ms. Schedule, for `SOAK_SECS` (default 600) seconds: a SIGKILL of ferry
+//! (restarted within 2 s) every 30-90 s, a graceful broker restart (down 0.5-5 s) every
+//! 60-120 s, and in between, after a calm 1-5 s each, one of: a cut; a 2-20 s blackhole; 10-30 s
+//! of 9600 B/s with 600 ms latency each way; 5-20 s of 100-800 ms latency; 5-20 s of a
+//! 2400-50000 B/s throttle. `SOAK_SEED` replays a schedule (the seed is printed).
+//!
+//! The end: faults off, ferry stopped cleanly and drained without collectors
+//! (`common::drain`), and the summary: records produced (the spool's `next_seq - 1` per
+//! stream), delivered (distinct seqs at the subscriber), lost (must be 0), duplicates,
+//! reconnects ("Connected to the broker" in ferry's log), ferry's maximum RSS (VmHWM sampled
+//! every 250 ms and before every SIGKILL, over all its processes) and the spool directory's
+//! high-water mark. The test fails if anything was lost or ferry exited on its own.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::agent::{Agent, AgentConfig};
+use common::broker::{Broker, BrokerOpts};
+use common::drain::stop_and_drain;
+use common::proxy::{Direction, Proxy};
+use common::subscriber::Subscriber;
+use tokio::time::Instant;
+
+const CONNECTED: &str = "Connected to the broker";
+/// How often RSS and the spool's size are sampled.
+const SAMPLE: Duration = Duration::from_millis(250);
+/// How long the final drain may take (a throttled phase can leave a large backlog).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    cuts: u32,
+    blackholes: u32,
+    blackhole: Duration,
+    satellite: u32,
+    satellite_time: Duration,
+    latency: u32,
+    throttle: u32,
+    kills: u32,
+    broker_restarts: u32,
+    processes: u32,
+    unexpected_exits: u32,
+    max_hwm_kib: u64,
+    disk_high: u64,
+    disk_high_apparent: u64,
+}
+
+struct Soak {
+    agent: Agent,
+    sub: Subscriber,
+    proxy: Proxy,
+    broker: Broker,
+    cfg: AgentConfig,
+    streams: Vec<String>,
+    rng: fastrand::Rng,
+    t: Tally,
+}
+
+impl Soak {
+    /// Samples ferry's peak RSS and the spool's size; restarts ferry (and counts it) if it
+    /// exited without being killed.
+    fn sample(&mut self) {
+        if self.agent.is_running() {
+            if let Some(kib) = vm_hwm_kib(self.agent.pid()) {
+                self.t.max_hwm_kib = self.t.max_hwm_kib.max(kib);
+            }
+        } else {
+            self.t.unexpected_exits += 1;
+            eprintln!("!!! ferry exited on its own; restarting it");
+            self.agent.start_again();
+            self.t.processes += 1;
+        }
+        let (allocated, apparent) = dir_size(&self.cfg.spool_dir);
+        self.t.disk_high = self.t.disk_high.max(allocated);
+        self.t.disk_high_apparent = self.t.disk_high_apparent.max(apparent);
+    }
+
+    /// Waits `d`, sampling as it goes.
+    async fn hold(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        loop {
+            self.sample();
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            tokio::time::sleep((end - now).min(SAMPLE)).await;
+        }
+    }
+
+    async fn sigkill(&mut self) {
+        self.sample();
+        self.agent.kill9();
+        self.t.kills += 1;
+        tokio::time::sleep(ms(self.rng.u64(0..=2000))).await;
+        self.agent.start_again();
+        self.t.processes += 1;
+    }
+
+    async fn restart_broker(&mut self) {
+        self.broker.stop();
+        self.t.broker_restarts += 1;
+        let down = ms(self.rng.u64(500..=5000));
+        self.hold(down).await;
+        self.broker.start_again();
+    }
+
+    /// One network fault, chosen at random.
+    async fn network_fault(&mut self) {
+        let roll = self.rng.u32(0..100);
+        match roll {
+            0..35 => {
+                self.proxy.cut();
+                self.t.cuts += 1;
+            }
+            35..50 => {
+                let d = ms(self.rng.u64(2000..=20_000));
+                self.proxy.blackhole(true);
+                self.hold(d).await;
+                self.proxy.blackhole(false);
+                self.t.blackholes += 1;
+                self.t.blackhole += d;
+            }
+            50..70 => {
+                let d = ms(self.rng.u64(10_000..=30_000));
+                self.proxy.throttle(Some(9600));
+                self.proxy.latency(ms(600));
+                self.hold(d).await;
+                self.proxy.clear();
+                self.t.satellite += 1;
+                self.t.satellite_time += d;
+            }
+            70..85 => {
+                let d = ms(self.rng.u64(5000..=20_000));
+                self.proxy.latency(ms(self.rng.u64(100..=800)));
+                self.hold(d).await;
+                self.proxy.clear();
+                self.t.latency += 1;
+            }
+            _ => {
+                let d = ms(self.rng.u64(5000..=20_000));
+                self.proxy.throttle(Some(self.rng.u64(2400..=50_000)));
+                self.hold(d).await;
+                self.proxy.clear();
+                self.t.throttle += 1;
+            }
+        }
+    }
+
+    fn received(&self) -> usize {
+        self.streams.iter().map(|n| self.sub.seqs(n).len()).sum()
+    }
+}
+
+/// Peak resident set of a process (VmHWM), in KiB.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// (allocated, apparent) bytes of the files under `p`.
+fn dir_size(p: &Path) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(p) else {
+        return (0, 0);
+    };
+    entries
+        .flatten()
+        .fold((0, 0), |(a, b), e| match e.metadata() {
+            Ok(m) if m.is_dir() => {
+                let (x, y) = dir_size(&e.path());
+                (a + x, b + y)
+            }
+            Ok(m) => (a + m.blocks() * 512, b + m.len()),
+            Err(_) => (a, b),
+        })
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak run of several minutes: tests/soak.sh [SECONDS]"]
+async fn soak() {
+    let secs = env_u64("SOAK_SECS", 600);
+    let collectors = env_u64("SOAK_COLLECTORS", 8);
+    let seed = env_u64(
+        "SOAK_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970")
+            .as_secs(),
+    );
+    eprintln!(
+        "soak: {secs} s, {collectors} system collectors at 200 ms, SOAK_SEED={seed}, ferry {}",
+        common::agent::ferry_bin()
+    );
+
+    let broker = Broker::start(BrokerOpts {
+        secure: None,
+        persistence: true,
+    });
+    let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
+    let proxy = Proxy::start(broker.agent_port());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = AgentConfig::new(dir.path(), proxy.port());
+    let streams: Vec<String> = (0..collectors).map(|i| format!("sys{i}")).collect();
+    cfg.collectors = streams
+        .iter()
+        .map(|name| format!("type: system\nname: {name}\ninterval_ms: 200"))
+        .collect();
+    let agent = Agent::spawn(dir.path(), &cfg.render());
+    let mut s = Soak {
+        agent,
+        sub,
+        proxy,
+        broker,
+        cfg,
+        streams,
+        rng: fastrand::Rng::with_seed(seed),
+        t: Tally {
+            processes: 1,
+            ..Tally::default()
+        },
+    };
+
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut next_kill = start + ms(s.rng.u64(30_000..=90_000));
+    let mut next_restart = start + ms(s.rng.u64(60_000..=120_000));
+    let mut next_report = start + Duration::from_secs(60);
+    while Instant::now() < end {
+        let calm = ms(s.rng.u64(1000..=5000));
+        s.hold(calm).await;
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if now >= next_kill {
+            s.sigkill().await;
+            next_kill = Instant::now() + ms(s.rng.u64(30_000..=90_000));
+        } else if now >= next_restart {
+            s.restart_broker().await;
+            next_restart = Instant::now() + ms(s.rng.u64(60_000..=120_000));
+        } else {
+            s.network_fault().await;
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(60);
+            eprintln!(
+                "soak: {:>4} s, {} records received, {} B up through the proxy, {:?}",
+                start.elapsed().as_secs(),
+                s.received(),
+                s.proxy.bytes(Direction::Up),
+                s.t
+            );
+        }
+    }
+    let faults_for = start.elapsed();
+
+    // The end: a healthy link, a clean stop, a drain without collectors.
+    s.proxy.clear();
+    s.sample();
+    let drain_start = Instant::now();
+    let drained = stop_and_drain(&mut s.agent, &s.cfg, &s.sub, &s.streams, DRAIN_TIMEOUT).await;
+    let drain_took = drain_start.elapsed();
+    let log = s.agent.log();
+    let reconnects = log.matches(CONNECTED).count();
+    let t = &s.t;
+    let dups = drained.duplicates();
+    let left: u64 = drained.streams.iter().map(|x| x.left_in_spool).sum();
+    let evicted: u64 = drained.streams.iter().map(|x| x.evicted).sum();
+    println!(
+        "
+=== ferry soak summary ===
+run:            tests/soak.sh {secs}  (SOAK_SEED={seed}, {collectors} system collectors at 200 ms, faults for {:.0} s, final drain {:.1} s)
+faults:         {} cuts, {} blackholes ({:.0} s in all), {} x 9600 B/s + 600 ms ({:.0} s), {} latency phases, {} throttle phases, {} SIGKILLs of ferry, {} graceful broker restarts
+records produced: {}  (spool next_seq - 1 over {} streams, after a final clean stop and drain)
+delivered:        {}  (distinct seqs at the subscriber)
+lost:             {}
+duplicates:       {}  ({:.2}% of {} received)
+reconnects:       {}  (\"{CONNECTED}\" in ferry's log, {} processes)
+max RSS of ferry: {:.1} MiB  (VmHWM)
+spool disk high-water: {:.1} MiB allocated ({:.1} MiB apparent)
+left in spool: {left}, evicted: {evicted}, ferry.loss records: {}, ferry exited on its own: {} times, drain completed: {}
+result: {}
+",
+        faults_for.as_secs_f64(),
+        drain_took.as_secs_f64(),
+        t.cuts,
+        t.blackholes,
+        t.blackhole.as_secs_f64(),
+        t.satellite,
+        t.satellite_time.as_secs_f64(),
+        t.latency,
+        t.throttle,
+        t.kills,
+        t.broker_restarts,
+        drained.produced(),
+        drained.streams.len(),
+        drained.delivered(),
+        drained.lost(),
+        dups,
+        100.0 * dups as f64 / drained.received().max(1) as f64,
+        drained.received(),
+        reconnects,
+        t.processes + 1,
+        t.max_hwm_kib as f64 / 1024.0,
+        mib(t.disk_high),
+        mib(t.disk_high_apparent),
+        drained.loss_records,
+        t.unexpected_exits,
+        drained.completed,
+        if drained.lost() == 0 && t.unexpected_exits == 0 && drained.completed {
+            "PASS"
+        } else {
+            "FAIL"
+        },
+    );
+    drained.assert_nothing_lost(&log);
+    assert_eq!(t.unexpected_exits, 0, "ferry exited on its own:\n{log}");
+}
