@@ -30,6 +30,7 @@ fn settings(dir: &Path) -> SpoolSettings {
         flush_interval: Duration::from_millis(200),
         flush_max_records: 1000,
         cache_bytes: 4 << 20,
+        min_free_bytes: 16 << 20,
         chunk_max_records: 500,
         chunk_max_bytes: (64 << 10) / 8,
     }

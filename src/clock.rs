@@ -39,16 +39,42 @@ pub trait ClockSource: Send + Sync + 'static {
     fn boot(&self) -> u32;
     fn synced(&self) -> bool;
 
+    /// The clock as it is now, to stamp many samples with one look at the sync state.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            synced: self.synced(),
+            now_ms: self.now_ms(),
+            uptime_ms: self.uptime_ms(),
+            boot: self.boot(),
+        }
+    }
+
     /// The state to record for a sample stamped `ts_ms` (wall) now.
     fn stamp(&self, ts_ms: u64) -> ClockState {
-        if self.synced() {
+        self.snapshot().stamp(ts_ms)
+    }
+}
+
+/// One reading of a [`ClockSource`].
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub synced: bool,
+    pub now_ms: u64,
+    pub uptime_ms: u64,
+    pub boot: u32,
+}
+
+impl Snapshot {
+    /// The state to record for a sample stamped `ts_ms` on the wall clock.
+    pub fn stamp(&self, ts_ms: u64) -> ClockState {
+        if self.synced {
             return ClockState::Synced;
         }
         // The sample was taken (now - ts) ago on the same, unsynced, wall clock.
-        let age = self.now_ms().saturating_sub(ts_ms);
+        let age = self.now_ms.saturating_sub(ts_ms);
         ClockState::Unsynced {
-            boot: self.boot(),
-            uptime_ms: self.uptime_ms().saturating_sub(age),
+            boot: self.boot,
+            uptime_ms: self.uptime_ms.saturating_sub(age),
         }
     }
 }

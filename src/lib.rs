@@ -4,7 +4,7 @@
 //!
 //! The folders follow the data:
 //!
-//! - [`collectors`]: sample the host (and later serial lines and files) and hand
+//! - [`collectors`]: sample the host, serial lines and files and hand
 //!   [`record::Reading`]s to the spool through a bounded channel.
 //! - [`spool`]: the disk-backed queue on sled. A reading becomes a record with a per-stream
 //!   `seq` when its group is committed and flushed; only then is it "accepted".

@@ -186,6 +186,25 @@ fn render_status(s: &serde_json::Value) -> String {
         "published {} messages, {} records acknowledged, {} connections\n",
         c["messages_published"], c["records_acked"], c["connects"]
     );
+    let n = &s["counters"];
+    out += &format!(
+        "records: collected {}, committed {}, published {}, acknowledged {}, resent {}, evicted {}\n",
+        n["collected"], n["committed"], n["published"], n["acked"], n["resent"], n["evicted"]
+    );
+    let lost: Vec<String> = n["lost_by_reason"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(reason, count)| format!("{reason} {count}"))
+        .collect();
+    out += &format!(
+        "lost: {}\n",
+        if lost.is_empty() {
+            "none".to_string()
+        } else {
+            lost.join(", ")
+        }
+    );
     out += &format!(
         "\n{:<20} {:>10} {:>12} {:>10} {:>9} {:>12}\n",
         "STREAM", "RECORDS", "BYTES", "NEXT SEQ", "EVICTED", "OLDEST (s)"

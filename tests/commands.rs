@@ -234,23 +234,55 @@ async fn built_ins_reply() {
     assert!(agent.terminate().success());
 }
 
+/// An agent whose one system collector samples every 30 s, subscribed to commands: a reload to
+/// a shorter interval is visible at once.
+struct SlowAgent {
+    broker: Broker,
+    sub: Subscriber,
+    /// The config text the agent runs with.
+    slow: String,
+    agent: Agent,
+    _dir: tempfile::TempDir,
+}
+
+impl SlowAgent {
+    async fn start() -> SlowAgent {
+        let broker = broker();
+        let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+        let dir = tempfile::tempdir().unwrap();
+        let slow = config(
+            dir.path(),
+            broker.agent_port(),
+            &["type: system\nname: system\ninterval_ms: 30000"],
+            "",
+        );
+        let agent = Agent::spawn(dir.path(), &slow);
+        assert!(
+            agent
+                .wait_for_log("Subscribed to commands", Duration::from_secs(15))
+                .await,
+            "{}",
+            agent.log()
+        );
+        SlowAgent {
+            broker,
+            sub,
+            slow,
+            agent,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_config_applies_a_good_file_and_refuses_a_bad_one() {
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let slow = config(
-        dir.path(),
-        broker.agent_port(),
-        &["type: system\nname: system\ninterval_ms: 30000"],
-        "",
-    );
-    let mut agent = Agent::spawn(dir.path(), &slow);
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await
-    );
+    let SlowAgent {
+        broker,
+        sub,
+        slow,
+        mut agent,
+        _dir,
+    } = SlowAgent::start().await;
 
     // A broken file is refused with its errors; the running config stays.
     std::fs::write(
@@ -285,21 +317,13 @@ async fn reload_config_applies_a_good_file_and_refuses_a_bad_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one() {
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let slow = config(
-        dir.path(),
-        broker.agent_port(),
-        &["type: system\nname: system\ninterval_ms: 30000"],
-        "",
-    );
-    let mut agent = Agent::spawn(dir.path(), &slow);
-    assert!(
-        agent
-            .wait_for_log("Collectors running", Duration::from_secs(15))
-            .await
-    );
+    let SlowAgent {
+        broker: _broker,
+        sub,
+        slow,
+        mut agent,
+        _dir,
+    } = SlowAgent::start().await;
 
     std::fs::write(agent.config_path(), slow.replace("uplink:", "uplinkk:")).unwrap();
     agent.sighup();

@@ -82,6 +82,21 @@ async fn status_shows_state_backoff_and_streams_and_says_when_ferry_is_not_runni
         "status never showed the connection\n{}",
         agent.log()
     );
+    let mut acked = 0;
+    for _ in 0..50 {
+        let s = status_json(&config).await;
+        acked = s["counters"]["acked"].as_u64().unwrap_or(0);
+        if acked > 0 {
+            let c = &s["counters"];
+            assert!(c["committed"].as_u64() >= Some(acked), "{c}");
+            assert!(c["collected"].as_u64() >= c["committed"].as_u64(), "{c}");
+            assert!(c["published"].as_u64() >= Some(acked), "{c}");
+            assert!(c["lost_by_reason"].is_object(), "{c}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(acked > 0, "no acknowledged records counted");
     let human = text(&ferry(&["status"], &config).stdout);
     assert!(human.contains(" connected"), "{human}");
 

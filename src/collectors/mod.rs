@@ -1,5 +1,10 @@
 //! Collectors: plugins that sample something and hand readings to the spool.
 //!
+//! Kinds: [`system`] (host metrics), [`serial`] (lines from a serial port), [`file`] (tail a
+//! file, or poll small files). Serial and file share [`lines`] (framing with a line-length
+//! cap) and [`parse`] (raw, json, kv, csv, regex); every kind shares [`common`] (static tags,
+//! loss reports for unusable input). docs/COLLECTORS.md documents every option.
+//!
 //! Each collector kind lives in its own file and implements [`Collector`]. Its only dependency
 //! is its [`CollectorContext`]: its name (which becomes the stream name), a sender into the
 //! spool, a shutdown token. The closed set of kinds is the [`collector_kinds!`] list below:
@@ -13,6 +18,11 @@
 //! - A collector stops promptly when the shutdown token is cancelled, after handing over what
 //!   it already sampled.
 
+pub mod common;
+pub mod file;
+pub mod lines;
+pub mod parse;
+pub mod serial;
 pub mod supervisor;
 pub mod system;
 
@@ -193,6 +203,8 @@ macro_rules! collector_kinds {
 
 collector_kinds! {
     "system" => System(system::SystemConfig),
+    "serial" => Serial(serial::SerialConfig),
+    "file" => File(file::FileConfig),
 }
 
 impl CollectorConfig {

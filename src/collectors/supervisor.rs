@@ -34,6 +34,7 @@ pub struct CollectorStats {
 struct Running {
     config: CollectorConfig,
     stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
     sample_now: Arc<Notify>,
     stats: Arc<CollectorStats>,
 }
@@ -71,27 +72,29 @@ impl Supervisor {
     }
 
     /// Makes the running set match `configs` (enabled ones only); returns what changed.
-    pub fn apply(&mut self, configs: &[CollectorConfig]) -> Vec<String> {
+    pub async fn apply(&mut self, configs: &[CollectorConfig]) -> Vec<String> {
         let wanted: BTreeMap<&str, &CollectorConfig> = configs
             .iter()
             .filter(|c| c.enabled())
             .map(|c| (c.name(), c))
             .collect();
         let mut changes = Vec::new();
+        let mut stopped = Vec::new();
         let names: Vec<String> = self.running.keys().cloned().collect();
         for name in names {
             match wanted.get(name.as_str()) {
                 Some(c) if **c == self.running[&name].config => {}
                 Some(_) => {
-                    self.stop(&name);
+                    stopped.extend(self.stop(&name));
                     changes.push(format!("collector {name} restarted with its new config"));
                 }
                 None => {
-                    self.stop(&name);
+                    stopped.extend(self.stop(&name));
                     changes.push(format!("collector {name} stopped"));
                 }
             }
         }
+        wait_stopped(stopped).await;
         for (name, config) in wanted {
             if !self.running.contains_key(name) {
                 if !changes
@@ -117,27 +120,30 @@ impl Supervisor {
             positions: self.positions.clone(),
             sample_now: sample_now.clone(),
         };
-        self.tracker
+        let task = self
+            .tracker
             .spawn(supervise(config.clone(), ctx, stats.clone()));
         self.running.insert(
             config.name().to_string(),
             Running {
                 config,
                 stop,
+                task,
                 sample_now,
                 stats,
             },
         );
     }
 
-    fn stop(&mut self, name: &str) {
-        if let Some(r) = self.running.remove(name) {
-            r.stop.cancel();
-        }
+    /// Cancels a collector; the returned task ends once it has handed over what it had.
+    fn stop(&mut self, name: &str) -> Option<tokio::task::JoinHandle<()>> {
+        let r = self.running.remove(name)?;
+        r.stop.cancel();
+        Some(r.task)
     }
 
     /// Restarts one collector with a new interval.
-    pub fn set_interval(&mut self, name: &str, interval_ms: u64) -> Result<(), String> {
+    pub async fn set_interval(&mut self, name: &str, interval_ms: u64) -> Result<(), String> {
         let r = self
             .running
             .get(name)
@@ -150,7 +156,7 @@ impl Supervisor {
         if let Some(i) = issues.first() {
             return Err(format!("{}: {}", i.path, i.message));
         }
-        self.stop(name);
+        wait_stopped(self.stop(name)).await;
         self.start(config);
         Ok(())
     }
@@ -198,6 +204,20 @@ impl Supervisor {
     }
 }
 
+/// How long a restarted collector's old run gets to end before the new run starts anyway.
+const OLD_RUN_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for stopped runs to end, so a new run of the same collector never overlaps the old
+/// one (a file tail would read past what the old run had not committed yet; a serial port is
+/// opened exclusively).
+async fn wait_stopped(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        if tokio::time::timeout(OLD_RUN_WAIT, task).await.is_err() {
+            warn!("A stopped collector did not end in time; its replacement starts anyway.");
+        }
+    }
+}
+
 async fn supervise(config: CollectorConfig, ctx: CollectorContext, stats: Arc<CollectorStats>) {
     let mut backoff = Backoff::new(RESTART_INITIAL, RESTART_MAX);
     info!(collector = %ctx.name, "Collector started.");
@@ -227,4 +247,44 @@ async fn supervise(config: CollectorConfig, ctx: CollectorContext, stats: Arc<Co
         }
     }
     info!(collector = %ctx.name, "Collector stopped.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A serial collector on a device that does not exist fails at once, every time.
+    fn failing() -> CollectorConfig {
+        CollectorConfig::from_yaml(
+            serde_yaml::from_str("type: serial\nname: gone\npath: /nonexistent/ttyUSB7\n").unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn restarts(s: &Supervisor) -> u64 {
+        s.states()[0].restarts
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_collector_is_restarted_with_backoff_and_counted() {
+        let (tx, _rx) = mpsc::channel(8);
+        let mut sup = Supervisor::new(tx, Positions::in_memory(), CancellationToken::new());
+        sup.apply(&[failing()]).await;
+        let start = tokio::time::Instant::now();
+        // Paused time: each backoff sleep is skipped as soon as everything else is idle.
+        while restarts(&sup) < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Four restarts: backoff ceilings 1 + 2 + 4 + 8 s at most (full jitter).
+        assert!(
+            start.elapsed() <= Duration::from_secs(16),
+            "{:?}",
+            start.elapsed()
+        );
+        // Backoff, not a busy loop: a minute of virtual time holds only a handful of restarts.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let n = restarts(&sup);
+        assert!((4..50).contains(&n), "{n} restarts");
+        assert!(sup.stop_all(Duration::from_secs(5)).await);
+    }
 }

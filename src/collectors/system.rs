@@ -38,6 +38,9 @@ pub struct SystemConfig {
     pub enabled: bool,
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
+    /// Static `tag.<key>` fields added to every reading.
+    #[serde(default)]
+    pub tags: super::common::Tags,
     /// Total CPU usage in percent.
     #[serde(default = "yes")]
     pub cpu: bool,
@@ -74,7 +77,7 @@ impl CollectorSpec for SystemConfig {
     }
 
     fn validate(&self) -> Vec<Issue> {
-        let mut issues = Vec::new();
+        let mut issues = super::common::validate_tags(&self.tags);
         if !(MIN_INTERVAL_MS..=86_400_000).contains(&self.interval_ms) {
             issues.push(Issue::new(
                 "interval_ms",
@@ -111,6 +114,7 @@ impl Collector for SystemCollector {
 
 async fn run(config: SystemConfig, ctx: CollectorContext) -> Result<(), CollectorError> {
     let interval = Duration::from_millis(config.interval_ms);
+    let tags = config.tags.clone();
     let mut sampler = tokio::task::spawn_blocking(move || Sampler::new(config))
         .await
         .map_err(|e| CollectorError::Source(format!("sampler start panicked: {e}")))??;
@@ -127,13 +131,14 @@ async fn run(config: SystemConfig, ctx: CollectorContext) -> Result<(), Collecto
             _ = ticker.tick() => {}
             _ = ctx.sample_now.notified() => {}
         }
-        let (back, fields) = tokio::task::spawn_blocking(move || {
+        let (back, mut fields) = tokio::task::spawn_blocking(move || {
             let fields = sampler.sample();
             (sampler, fields)
         })
         .await
         .map_err(|e| CollectorError::Source(format!("sampling panicked: {e}")))?;
         sampler = back;
+        super::common::add_tags(&mut fields, &tags);
         ctx.send(Intake::reading(Reading::fields(ctx.name.clone(), fields)))
             .await?;
     }
@@ -222,12 +227,21 @@ impl Sampler {
         }
         if let Some(disks) = &mut self.disks {
             disks.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
-            let mut seen = std::collections::HashSet::new();
-            for d in disks.iter() {
+            // Bind mounts (e.g. systemd's sandbox, containers) list one filesystem under several
+            // mount points: unless mounts are chosen explicitly, report each filesystem once,
+            // under its shortest mount point.
+            let mut list: Vec<_> = disks.iter().collect();
+            list.sort_by_key(|d| d.mount_point().as_os_str().len());
+            let mut seen_mounts = std::collections::HashSet::new();
+            let mut seen_filesystems = std::collections::HashSet::new();
+            for d in list {
                 let mount = d.mount_point().to_string_lossy().into_owned();
-                if (!c.mounts.is_empty() && !c.mounts.contains(&mount))
-                    || !seen.insert(mount.clone())
-                {
+                let wanted = if c.mounts.is_empty() {
+                    seen_filesystems.insert((d.name().to_owned(), d.total_space()))
+                } else {
+                    c.mounts.contains(&mount)
+                };
+                if !wanted || !seen_mounts.insert(mount.clone()) {
                     continue;
                 }
                 let key = mount_key(&mount);
@@ -359,6 +373,27 @@ mod tests {
                 .all(|n| n.starts_with("mem.") || n.starts_with("swap.")),
             "{names:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn tags_are_added_to_every_reading() {
+        let cfg: SystemConfig = serde_yaml::from_str(
+            "name: s\ninterval_ms: 200\ncpu: false\ndisks: false\nnetworks: false\ntemperatures: false\ntags: {site: north}\n",
+        )
+        .unwrap();
+        let (ctx, mut rx) = CollectorContext::new_test("s");
+        let shutdown = ctx.shutdown.clone();
+        let task = tokio::spawn(cfg.build().run(ctx));
+        let intake = rx.recv().await.unwrap();
+        let crate::record::Body::Fields(f) = &intake.readings[0].body else {
+            panic!("fields expected")
+        };
+        assert!(
+            f.contains(&("tag.site".into(), Value::Str("north".into()))),
+            "{f:?}"
+        );
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct RawSpool {
     pub flush_max_records: u64,
     #[serde(default = "defaults::cache_bytes")]
     pub cache_bytes: u64,
+    /// Free space the spool leaves on its filesystem; below it new readings are dropped and
+    /// counted (reason `disk_full`) instead of risking ENOSPC inside sled.
+    #[serde(default = "defaults::min_free_bytes")]
+    pub min_free_bytes: u64,
 }
 
 /// What the spool does when a commit would take it past `max_bytes`.
@@ -283,6 +287,9 @@ pub mod defaults {
     }
     pub fn flush_max_records() -> u64 {
         1000
+    }
+    pub fn min_free_bytes() -> u64 {
+        16 << 20
     }
     pub fn cache_bytes() -> u64 {
         4 << 20

@@ -67,6 +67,7 @@ pub struct SpoolSettings {
     pub flush_interval: Duration,
     pub flush_max_records: usize,
     pub cache_bytes: u64,
+    pub min_free_bytes: u64,
     /// Most records packed into one stored chunk (= the uplink's batch record limit, so a
     /// chunk always fits in one message).
     pub chunk_max_records: usize,
@@ -208,6 +209,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
         flush_interval: Duration::from_millis(flush_ms),
         flush_max_records: flush_max as usize,
         cache_bytes: cache,
+        min_free_bytes: s.min_free_bytes,
         chunk_max_records: uplink.batch.max_records,
         chunk_max_bytes: (uplink.batch.max_bytes as u64 / CHUNK_FRACTION).max(512) as usize,
     };

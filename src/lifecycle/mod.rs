@@ -218,7 +218,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
         Positions::from_spool(spool.clone()),
         shutdown.child_token(),
     );
-    supervisor.apply(&config.collectors);
+    supervisor.apply(&config.collectors).await;
     info!(collectors = supervisor.len(), "Collectors running.");
 
     let mut running = Running {
@@ -323,7 +323,7 @@ impl Running {
     async fn serve(&mut self, req: Request) {
         match req {
             Request::Reload(reply) => {
-                let outcome = self.reload();
+                let outcome = self.reload().await;
                 match &outcome {
                     Ok(changes) if changes.is_empty() => info!("Config reloaded: nothing changed."),
                     Ok(changes) => info!(changes = %changes.join("; "), "Config reloaded."),
@@ -340,7 +340,7 @@ impl Running {
                 interval_ms,
                 reply,
             } => {
-                let r = self.supervisor.set_interval(&collector, interval_ms);
+                let r = self.supervisor.set_interval(&collector, interval_ms).await;
                 if r.is_ok() {
                     info!(%collector, interval_ms, "Collector interval changed until the next reload or restart.");
                 }
@@ -363,14 +363,14 @@ impl Running {
         }
     }
 
-    fn reload(&mut self) -> Result<Vec<String>, Vec<String>> {
+    async fn reload(&mut self) -> Result<Vec<String>, Vec<String>> {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        let result = self.apply_new_config();
+        let result = self.apply_new_config().await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         result
     }
 
-    fn apply_new_config(&mut self) -> Result<Vec<String>, Vec<String>> {
+    async fn apply_new_config(&mut self) -> Result<Vec<String>, Vec<String>> {
         let mut new = config::load(&self.config.source).map_err(|e| e.issues())?;
         let old = &self.config;
         let mut changes = Vec::new();
@@ -393,7 +393,7 @@ impl Running {
                 new.log_level.as_deref().unwrap_or("info")
             ));
         }
-        changes.extend(self.supervisor.apply(&new.collectors));
+        changes.extend(self.supervisor.apply(&new.collectors).await);
         self.config_hash = config_hash(&new.source);
         self.config = new;
         Ok(changes)
@@ -422,6 +422,15 @@ impl Running {
                 "last_error": *u.last_error.lock().unwrap_or_else(|p| p.into_inner()),
                 "messages_published": u.messages_published.load(Ordering::Relaxed),
                 "records_acked": u.records_acked.load(Ordering::Relaxed),
+            },
+            "counters": {
+                "collected": stats.counters.collected,
+                "committed": stats.counters.committed,
+                "published": u.records_published.load(Ordering::Relaxed),
+                "acked": u.records_acked.load(Ordering::Relaxed),
+                "resent": u.records_resent.load(Ordering::Relaxed),
+                "evicted": stats.streams.iter().map(|st| st.evicted).sum::<u64>(),
+                "lost_by_reason": stats.counters.lost,
             },
             "spool": {
                 "records": stats.records,

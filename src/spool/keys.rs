@@ -3,6 +3,7 @@
 pub const CHUNK: u8 = b'c';
 pub const STREAM: u8 = b's';
 pub const GLOBAL: &[u8] = b"g";
+pub const COUNTERS: &[u8] = b"n";
 pub const POSITION: u8 = b'p';
 
 pub fn chunk(stream_id: u32, chunk_id: u64) -> [u8; 13] {

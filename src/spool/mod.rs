@@ -43,7 +43,9 @@ pub mod keys;
 mod store;
 pub mod writer;
 
-pub use store::{Batch, ChunkData, CommitSummary, Spool, SpoolStats, StreamReport, StreamStats};
+pub use store::{
+    Batch, ChunkData, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats,
+};
 
 use crate::record::Reading;
 
@@ -119,6 +121,10 @@ pub enum SpoolError {
     },
     #[error("the spool at {dir} is locked by another process (is another ferry running?)")]
     Locked { dir: std::path::PathBuf },
+    #[error(
+        "the spool's filesystem is full: {free} bytes free, {reserve} kept in reserve (spool.min_free_bytes); new readings are dropped and counted until space returns"
+    )]
+    DiskFull { free: u64, reserve: u64 },
     #[error("spool storage error: {0}")]
     Storage(#[from] sled::Error),
     #[error("spool data is corrupt: {0}")]

@@ -47,13 +47,25 @@ struct GlobalMeta {
 /// sled lost its data.
 const MARKER: &str = "ferry-spool";
 
+/// Persisted totals, for status and self-metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Readings handed to the spool (stored or not).
+    pub collected: u64,
+    /// Readings stored (accepted).
+    pub committed: u64,
+    /// Records dropped, by reason, as reported on `ferry.loss` (by the spool or a collector).
+    pub lost: BTreeMap<String, u64>,
+}
+
 struct State {
+    counters: Counters,
     ids: HashMap<String, u32>,
     metas: BTreeMap<u32, StreamMeta>,
     global: GlobalMeta,
     /// Readings that could not be committed (storage error), per stream; reported on the loss
     /// stream by the next commit that succeeds.
-    unreported_failures: BTreeMap<String, u64>,
+    unreported_failures: BTreeMap<(String, &'static str), u64>,
 }
 
 impl State {
@@ -145,6 +157,7 @@ pub struct SpoolStats {
     pub records: u64,
     pub bytes: u64,
     pub streams: Vec<StreamStats>,
+    pub counters: Counters,
 }
 
 impl SpoolStats {
@@ -303,6 +316,10 @@ impl Spool {
                 GlobalMeta::default()
             }
         };
+        let counters: Counters = match tree.get(keys::COUNTERS)? {
+            Some(v) => decode_meta("counters", &v)?,
+            None => Counters::default(),
+        };
         let mut metas = BTreeMap::new();
         let mut ids = HashMap::new();
         for item in tree.scan_prefix([keys::STREAM]) {
@@ -324,6 +341,7 @@ impl Spool {
                 db,
                 settings: settings.clone(),
                 state: Mutex::new(State {
+                    counters,
                     ids,
                     metas,
                     global,
@@ -422,6 +440,7 @@ impl Spool {
     /// Commits a group of intakes: assigns seqs, packs chunks, applies the byte cap, writes one
     /// batch and flushes it. When this returns `Ok`, every stored record is accepted.
     pub fn commit(&self, group: &[Intake]) -> Result<CommitSummary, SpoolError> {
+        self.check_space(group)?;
         let settings = &self.inner.settings;
         let mut state = self.lock();
         let mut metas = state.metas.clone();
@@ -445,7 +464,8 @@ impl Spool {
         }
 
         let committed_ms = now_ms();
-        let clock = self.clock();
+        // One look at the clock per commit: its sync check reads the file system.
+        let clock = self.clock().snapshot();
         let mut new_chunks: Vec<NewChunk> = Vec::new();
         for (stream, readings) in &by_stream {
             let stream: &str = stream;
@@ -542,13 +562,13 @@ impl Spool {
                 )
             })
             .collect();
-        for (stream, count) in &state.unreported_failures {
+        for ((stream, reason), count) in &state.unreported_failures {
             loss_readings.push((
                 committed_ms,
                 Body::Fields(vec![
                     ("stream".into(), Value::Str(stream.clone())),
                     ("count".into(), Value::U64(*count)),
-                    ("reason".into(), Value::Str("spool_write_failed".into())),
+                    ("reason".into(), Value::Str((*reason).into())),
                 ]),
             ));
         }
@@ -583,6 +603,22 @@ impl Spool {
                 batch.insert(&keys::stream(*sid), encode_meta(meta));
             }
         }
+        let mut counters = state.counters.clone();
+        let offered: u64 = group.iter().map(|i| i.readings.len() as u64).sum();
+        counters.collected += offered;
+        counters.committed += summary.accepted;
+        // Losses reported by collectors travel as readings on the loss stream.
+        for r in group
+            .iter()
+            .flat_map(|i| &i.readings)
+            .filter(|r| r.stream == LOSS_STREAM)
+        {
+            count_loss(&mut counters, &r.body);
+        }
+        for (_, body) in &loss_readings {
+            count_loss(&mut counters, body);
+        }
+        batch.insert(keys::COUNTERS, encode_meta(&counters));
         batch.insert(keys::GLOBAL, encode_meta(&global));
         for cp in &checkpoints {
             batch.insert(keys::position(&cp.source), cp.position.as_slice());
@@ -592,6 +628,7 @@ impl Spool {
         state.ids = ids;
         state.global = global;
         state.unreported_failures.clear();
+        state.counters = counters;
         let readable = global.next_chunk_id;
         drop(state);
 
@@ -604,15 +641,46 @@ impl Spool {
     }
 
     /// Remembers readings that could not be committed, to report them on the loss stream with
-    /// the next successful commit.
-    pub fn note_failed(&self, group: &[Intake]) {
+    /// the next successful commit (reason `disk_full` or `spool_write_failed`).
+    pub fn note_failed(&self, group: &[Intake], error: &SpoolError) {
+        let reason = match error {
+            SpoolError::DiskFull { .. } => "disk_full",
+            _ => "spool_write_failed",
+        };
         let mut state = self.lock();
         for r in group.iter().flat_map(|i| &i.readings) {
+            state.counters.collected += 1;
             *state
                 .unreported_failures
-                .entry(r.stream.clone())
+                .entry((r.stream.clone(), reason))
                 .or_default() += 1;
         }
+    }
+
+    /// Refuses to write when the spool's filesystem has less than `min_free_bytes` (plus what
+    /// this group needs) free. sled poisons its database on the first ENOSPC until it is
+    /// reopened, so running out must never reach sled.
+    fn check_space(&self, group: &[Intake]) -> Result<(), SpoolError> {
+        let reserve = self.inner.settings.min_free_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let Ok(st) = nix::sys::statvfs::statvfs(&self.inner.settings.dir) else {
+            return Ok(());
+        };
+        // The statvfs field types are 32-bit on armhf, 64-bit here.
+        #[allow(clippy::useless_conversion)]
+        let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
+        // sled writes about twice what it stores.
+        let need: u64 = group
+            .iter()
+            .flat_map(|i| &i.readings)
+            .map(|r| 64 + 2 * body_size(&r.body))
+            .sum();
+        if free < reserve + need {
+            return Err(SpoolError::DiskFull { free, reserve });
+        }
+        Ok(())
     }
 
     /// The oldest stored chunk of any stream but `skip`, after the per-stream `from` bounds.
@@ -659,15 +727,7 @@ impl Spool {
         if readable == 0 {
             return Ok(None);
         }
-        let streams: Vec<(u32, String)> = {
-            let state = self.lock();
-            state
-                .metas
-                .iter()
-                .filter(|(_, m)| m.chunks > 0)
-                .map(|(id, m)| (*id, m.name.clone()))
-                .collect()
-        };
+        let streams = self.streams_with_data();
         let tree = &self.inner.tree;
         let range = |sid: u32| {
             let start = cursors.get(&sid).map_or(0, |c| c + 1);
@@ -797,20 +857,24 @@ impl Spool {
             records: streams.iter().map(|s| s.records).sum(),
             bytes: state.total_bytes(),
             streams,
+            counters: state.counters.clone(),
         }
+    }
+
+    /// Id and name of every stream that has stored chunks.
+    fn streams_with_data(&self) -> Vec<(u32, String)> {
+        let state = self.lock();
+        state
+            .metas
+            .iter()
+            .filter(|(_, m)| m.chunks > 0)
+            .map(|(id, m)| (*id, m.name.clone()))
+            .collect()
     }
 
     /// Commit time of the oldest stored chunk of each stream.
     pub fn oldest_committed_ms(&self) -> HashMap<String, u64> {
-        let streams: Vec<(u32, String)> = {
-            let state = self.lock();
-            state
-                .metas
-                .iter()
-                .filter(|(_, m)| m.chunks > 0)
-                .map(|(id, m)| (*id, m.name.clone()))
-                .collect()
-        };
+        let streams = self.streams_with_data();
         let mut out = HashMap::new();
         for (sid, name) in streams {
             let head = self
@@ -916,6 +980,29 @@ impl Spool {
             error!(error = %e, "Cannot measure the spool's size on disk.");
             0
         })
+    }
+}
+
+/// Adds a loss record's count to its reason's total.
+fn count_loss(counters: &mut Counters, body: &Body) {
+    let Body::Fields(fields) = body else { return };
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let Some(Value::Str(reason)) = get("reason") else {
+        return;
+    };
+    let count = match get("count") {
+        Some(Value::U64(n)) => *n,
+        Some(Value::I64(n)) => (*n).max(0) as u64,
+        _ => 1,
+    };
+    *counters.lost.entry(reason.clone()).or_default() += count;
+}
+
+/// Rough encoded size of a body, for the free-space check.
+fn body_size(body: &Body) -> u64 {
+    match body {
+        Body::Line(l) => l.len() as u64,
+        Body::Fields(f) => f.iter().map(|(k, _)| k.len() as u64 + 9).sum(),
     }
 }
 

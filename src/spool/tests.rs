@@ -14,6 +14,7 @@ fn settings(dir: &std::path::Path, max_bytes: u64, policy: FullPolicy) -> SpoolS
         flush_interval: Duration::from_millis(10),
         flush_max_records: 1000,
         cache_bytes: 1 << 20,
+        min_free_bytes: 0,
         chunk_max_records: 50,
         chunk_max_bytes: 4096,
     }
@@ -205,10 +206,14 @@ fn drop_oldest_evicts_oldest_and_reports_the_ranges() {
     }
     covered.sort();
     assert_eq!(covered, (1..left[0]).collect::<Vec<_>>());
-    // Counters persist.
+    // Counters persist, including the loss total by reason.
     drop(spool);
     let spool = Spool::open(&s).unwrap();
-    assert_eq!(spool.stats().stream("a").unwrap().evicted, evicted);
+    let stats = spool.stats();
+    assert_eq!(stats.stream("a").unwrap().evicted, evicted);
+    assert_eq!(stats.counters.lost.get("evicted"), Some(&evicted));
+    assert_eq!(stats.counters.collected, 2000);
+    assert_eq!(stats.counters.committed, 2000);
 }
 
 #[test]
@@ -271,7 +276,7 @@ fn checkpoint_is_committed_with_its_records() {
 fn failed_commits_are_reported_with_the_next_commit() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
-    spool.note_failed(&intakes("a", 0..3));
+    spool.note_failed(&intakes("a", 0..3), &SpoolError::Corrupt("test".into()));
     spool.commit(&intakes("a", 3..4)).unwrap();
     let losses = loss_records(&spool);
     assert_eq!(losses.len(), 1);

@@ -8,12 +8,12 @@
 //! It ends when every sender is gone (all collectors stopped) and the channel is drained, so
 //! at shutdown whatever collectors handed over is committed before the spool is flushed.
 
-use super::{Intake, Spool};
+use super::{Intake, Spool, SpoolError};
 use crate::lifecycle::watchdog::{Heartbeat, TICK};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 /// Intakes waiting for the writer. A system sample is one intake; 1024 of them is minutes of
 /// sampling, far more than one commit takes, so the channel only fills when the disk stalls.
@@ -32,6 +32,7 @@ pub async fn run(
     flush_max_records: usize,
     heartbeat: Heartbeat,
 ) {
+    let mut disk_full = false;
     loop {
         heartbeat.touch();
         let first = match tokio::time::timeout(TICK, rx.recv()).await {
@@ -54,8 +55,8 @@ pub async fn run(
         let s = spool.clone();
         let result = tokio::task::spawn_blocking(move || {
             let r = s.commit(&group);
-            if r.is_err() {
-                s.note_failed(&group);
+            if let Err(e) = &r {
+                s.note_failed(&group, e);
             }
             (r, group)
         })
@@ -64,12 +65,27 @@ pub async fn run(
             Ok((r, group)) => {
                 let ok = r.is_ok();
                 match r {
-                    Ok(summary) => debug!(
-                        accepted = summary.accepted,
-                        evicted = summary.evicted,
-                        dropped = summary.dropped,
-                        "Committed a group."
-                    ),
+                    Ok(summary) => {
+                        if disk_full {
+                            info!(
+                                "The spool's filesystem has room again; readings are stored again and the dropped ones are reported on ferry.loss."
+                            );
+                            disk_full = false;
+                        }
+                        debug!(
+                            accepted = summary.accepted,
+                            evicted = summary.evicted,
+                            dropped = summary.dropped,
+                            "Committed a group."
+                        )
+                    }
+                    // Once per episode: a full disk would otherwise log at every flush.
+                    Err(e @ SpoolError::DiskFull { .. }) => {
+                        if !disk_full {
+                            error!(error = %e, "Disk full.");
+                            disk_full = true;
+                        }
+                    }
                     Err(e) => {
                         error!(error = %e, readings, "Cannot commit readings to the spool; they are lost and will be reported on ferry.loss.")
                     }

@@ -62,6 +62,9 @@ pub struct UplinkStats {
     pub connected: AtomicBool,
     pub connects: AtomicU64,
     pub messages_published: AtomicU64,
+    pub records_published: AtomicU64,
+    /// Records published again (after a reconnect, their first PUBACK never came).
+    pub records_resent: AtomicU64,
     pub records_acked: AtomicU64,
     /// Delay before the next connection attempt, while disconnected.
     pub backoff_ms: AtomicU64,
@@ -119,6 +122,8 @@ struct Prepared {
     topic: String,
     payload: Vec<u8>,
     sent: Sent,
+    /// Records of this message published before.
+    resent: u64,
     /// Larger than the packet limit: cannot be sent.
     oversize: bool,
 }
@@ -142,6 +147,7 @@ struct PrepareJob {
     origin: Origin,
     ignore_linger: bool,
     count: usize,
+    sent_high: HashMap<u32, u64>,
 }
 
 impl PrepareJob {
@@ -191,10 +197,17 @@ impl PrepareJob {
             };
             // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
             let oversize = payload.len() + topic.len() + 9 > self.max_packet_bytes;
+            let high = self.sent_high.get(&batch.stream_id).copied();
+            let resent = chunks
+                .iter()
+                .filter(|c| high.is_some_and(|h| c.chunk_id <= h))
+                .map(|c| c.records.len() as u64)
+                .sum();
             messages.push(Prepared {
                 topic,
                 payload,
                 sent,
+                resent,
                 oversize,
             });
         }
@@ -252,6 +265,8 @@ pub struct Uplink {
     commands: Option<CommandLink>,
     flush: Arc<Notify>,
     heartbeat: Heartbeat,
+    /// Highest chunk id published per stream, across epochs: a chunk at or below it is a resend.
+    sent_high: HashMap<u32, u64>,
 }
 
 impl Uplink {
@@ -270,6 +285,7 @@ impl Uplink {
             commands: None,
             flush: Arc::new(Notify::new()),
             heartbeat: Heartbeat::new("uplink"),
+            sent_high: HashMap::new(),
         }
     }
 
@@ -569,7 +585,7 @@ impl Uplink {
     /// lingering batch becomes due, if one is waiting. Reading and encoding run on the blocking
     /// pool, several batches per trip, while rumqttc's own task keeps the socket busy.
     async fn fill(
-        &self,
+        &mut self,
         ctx: &EpochCtx,
         client: &AsyncClient,
         inflight: &mut Inflight<Sent>,
@@ -592,6 +608,7 @@ impl Uplink {
                 origin: ctx.origin.clone(),
                 ignore_linger: *flush_now,
                 count: free,
+                sent_high: self.sent_high.clone(),
             };
             let prepared = tokio::task::spawn_blocking(move || job.run())
                 .await
@@ -619,6 +636,16 @@ impl Uplink {
                 self.stats
                     .messages_published
                     .fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .records_published
+                    .fetch_add(m.sent.records, Ordering::Relaxed);
+                self.stats
+                    .records_resent
+                    .fetch_add(m.resent, Ordering::Relaxed);
+                if let Some(last) = m.sent.chunk_ids.last() {
+                    let high = self.sent_high.entry(m.sent.stream_id).or_default();
+                    *high = (*high).max(*last);
+                }
                 inflight.queued(Tag::Data(m.sent));
             }
             if prepared.exhausted {

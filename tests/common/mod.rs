@@ -29,6 +29,7 @@ pub mod drain;
 pub mod pki;
 pub mod ports;
 pub mod proxy;
+pub mod pty;
 pub mod subscriber;
 
 use std::process::{Child, Command, ExitStatus, Stdio};
