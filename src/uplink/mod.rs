@@ -148,6 +148,10 @@ struct PrepareJob {
     ignore_linger: bool,
     count: usize,
     sent_high: HashMap<u32, u64>,
+    /// Payload bytes these messages may take together; the first may exceed it if nothing is
+    /// in flight (`must_send_one`).
+    byte_budget: Option<usize>,
+    must_send_one: bool,
 }
 
 impl PrepareJob {
@@ -155,7 +159,14 @@ impl PrepareJob {
         let mut messages = Vec::new();
         let mut linger_due_ms = None;
         let mut exhausted = false;
+        let mut budget = self.byte_budget;
         while messages.len() < self.count {
+            // A small budget also makes small messages, so a ping never waits long behind one.
+            let max_bytes = match budget {
+                Some(b) if b < 1024 && !(messages.is_empty() && self.must_send_one) => break,
+                Some(b) => self.limits.max_bytes.min(b.max(1024)),
+                None => self.limits.max_bytes,
+            };
             let Some(batch) = self.spool.next_batch(&self.cursors, &self.limits)? else {
                 exhausted = true;
                 break;
@@ -176,12 +187,8 @@ impl PrepareJob {
                     1,
                 )
             } else {
-                let (p, used) = payload::encode(
-                    &self.origin,
-                    &batch.stream,
-                    &batch.chunks,
-                    self.limits.max_bytes,
-                );
+                let (p, used) =
+                    payload::encode(&self.origin, &batch.stream, &batch.chunks, max_bytes);
                 (self.topics.data(&batch.stream), p, used)
             };
             let chunks = &batch.chunks[..used];
@@ -194,6 +201,7 @@ impl PrepareJob {
                 stream_id: batch.stream_id,
                 chunk_ids: chunks.iter().map(|c| c.chunk_id).collect(),
                 records: chunks.iter().map(|c| c.records.len() as u64).sum(),
+                bytes: payload.len(),
             };
             // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
             let oversize = payload.len() + topic.len() + 9 > self.max_packet_bytes;
@@ -203,6 +211,9 @@ impl PrepareJob {
                 .filter(|c| high.is_some_and(|h| c.chunk_id <= h))
                 .map(|c| c.records.len() as u64)
                 .sum();
+            if let Some(b) = budget.as_mut() {
+                *b = b.saturating_sub(payload.len());
+            }
             messages.push(Prepared {
                 topic,
                 payload,
@@ -226,6 +237,8 @@ struct Sent {
     stream_id: u32,
     chunk_ids: Vec<u64>,
     records: u64,
+    /// Payload size.
+    bytes: usize,
 }
 
 enum EpochEnd {
@@ -609,6 +622,10 @@ impl Uplink {
                 ignore_linger: *flush_now,
                 count: free,
                 sent_high: self.sent_high.clone(),
+                byte_budget: s
+                    .inflight_bytes
+                    .map(|cap| cap.saturating_sub(inflight.data().map(|d| d.bytes).sum())),
+                must_send_one: inflight.data_len() == 0,
             };
             let prepared = tokio::task::spawn_blocking(move || job.run())
                 .await
