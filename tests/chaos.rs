@@ -287,7 +287,12 @@ fn received(sub: &Subscriber, streams: &[String]) -> usize {
 async fn slow_link(keepalive_s: u64, backlog: Duration) -> (Rig, f64) {
     const RATE: u64 = 9600;
     const PHASE: Duration = Duration::from_secs(20);
-    let mut rig = Rig::new(3, |c| c.keepalive_s = keepalive_s).await;
+    // The operator states the link's rate, so ferry keeps a ping within reach of a keepalive.
+    let mut rig = Rig::new(3, |c| {
+        c.keepalive_s = keepalive_s;
+        c.min_link_bytes_per_s = Some(RATE);
+    })
+    .await;
     rig.proxy.throttle(Some(RATE));
     rig.proxy.latency(ms(600));
     if !backlog.is_zero() {
@@ -342,7 +347,6 @@ async fn link_of_9600_bytes_per_s_with_600_ms_latency_delivers_everything() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails (defect in ferry): on a saturated slow link a PINGREQ waits behind up to window x batch.max_bytes of data, rumqttc fails the live connection after 2x keepalive and the partly sent batches are sent again; see docs/RELIABILITY.md"]
 async fn saturated_slow_link_is_not_taken_for_a_dead_one() {
     let (mut rig, _) = slow_link(5, Duration::from_secs(15)).await;
     let log = rig.log();
@@ -352,6 +356,10 @@ async fn saturated_slow_link_is_not_taken_for_a_dead_one() {
         "the link carried data all along, yet:\n{}\nferry log:\n{log}",
         lost.join("\n")
     );
+    // What is left is drained over a fast link: this test is about the connection, and the
+    // slow drain is already covered above.
+    rig.proxy.throttle(None);
+    rig.proxy.latency(Duration::ZERO);
     rig.drain_and_verify("saturated, keepalive 5 s").await;
 }
 

@@ -80,6 +80,12 @@ pub struct RawUplink {
     pub max_packet_bytes: u64,
     #[serde(default = "defaults::window")]
     pub window: u64,
+    /// The slowest the link may be, in bytes/s. Unacknowledged data is kept to what such a link
+    /// sends in half a keepalive period, so a ping never queues behind more than the link can
+    /// carry before the broker's answer is due (otherwise a busy slow link is taken for a dead
+    /// one). 0 turns the limit off.
+    #[serde(default = "defaults::min_link_bytes_per_s")]
+    pub min_link_bytes_per_s: u64,
     #[serde(default)]
     pub batch: RawBatch,
     #[serde(default)]
@@ -308,6 +314,9 @@ pub mod defaults {
     }
     pub fn max_packet_bytes() -> u64 {
         256 << 10
+    }
+    pub fn min_link_bytes_per_s() -> u64 {
+        2400
     }
     pub fn window() -> u64 {
         4

@@ -90,6 +90,9 @@ pub struct UplinkSettings {
     pub max_packet_bytes: usize,
     /// Batches in flight at once (published, PUBACK not yet seen).
     pub window: usize,
+    /// Most payload bytes in flight at once (see `min_link_bytes_per_s`); at least one message
+    /// is always allowed.
+    pub inflight_bytes: Option<usize>,
     pub batch: BatchLimits,
     pub backoff: BackoffSettings,
     pub shutdown_grace: Duration,
@@ -462,6 +465,12 @@ fn validate_uplink(c: &mut Checker, u: &RawUplink, base: &Path, device_id: &str)
         256 << 20,
     );
     let window = c.range("uplink.window", u.window, 1, 64);
+    let min_rate = c.range(
+        "uplink.min_link_bytes_per_s",
+        u.min_link_bytes_per_s,
+        0,
+        1 << 30,
+    );
     let max_records = c.range("uplink.batch.max_records", u.batch.max_records, 1, 100_000);
     let batch_bytes = c.range("uplink.batch.max_bytes", u.batch.max_bytes, 1024, 128 << 20);
     if batch_bytes + PACKET_OVERHEAD_BYTES > max_packet {
@@ -558,6 +567,8 @@ fn validate_uplink(c: &mut Checker, u: &RawUplink, base: &Path, device_id: &str)
         connect_timeout: Duration::from_millis(connect),
         max_packet_bytes: max_packet as usize,
         window: window as usize,
+        inflight_bytes: (keepalive > 0 && min_rate > 0)
+            .then(|| ((keepalive * min_rate / 2) as usize).max(1024)),
         batch: BatchLimits {
             max_records: max_records as usize,
             max_bytes: batch_bytes as usize,

@@ -98,6 +98,20 @@ impl<T> Inflight<T> {
             + self.bound.values().filter(|t| is_data(t)).count()
     }
 
+    /// The data publishes not yet acknowledged.
+    pub fn data(&self) -> impl Iterator<Item = &T> {
+        fn data<T>(t: &Tag<T>) -> Option<&T> {
+            match t {
+                Tag::Data(d) => Some(d),
+                Tag::Control => None,
+            }
+        }
+        self.awaiting
+            .iter()
+            .filter_map(data)
+            .chain(self.bound.values().filter_map(data))
+    }
+
     /// Forgets everything (end of an epoch); returns how many publishes were unacknowledged.
     pub fn reset(&mut self) -> usize {
         let n = self.len();

@@ -19,16 +19,18 @@
 pub mod inflight;
 pub mod options;
 pub mod payload;
+mod prepare;
 pub mod tls;
 
 use crate::backoff::Backoff;
 use crate::config::UplinkSettings;
 use crate::lifecycle::watchdog::{Heartbeat, TICK};
-use crate::record::{COMMANDS_STREAM, now_ms};
+use crate::record::now_ms;
 use crate::spool::Spool;
 use inflight::{Bind, Inflight, Tag};
 use options::Topics;
 use payload::Origin;
+use prepare::PrepareJob;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, Publish, QoS,
     SubscribeReasonCode,
@@ -117,115 +119,14 @@ impl PendingDeletes {
     }
 }
 
-/// One message ready to publish.
-struct Prepared {
-    topic: String,
-    payload: Vec<u8>,
-    sent: Sent,
-    /// Records of this message published before.
-    resent: u64,
-    /// Larger than the packet limit: cannot be sent.
-    oversize: bool,
-}
-
-struct PrepareOutcome {
-    messages: Vec<Prepared>,
-    cursors: HashMap<u32, u64>,
-    /// When the batch held back by `linger` is due (ms since the epoch).
-    linger_due_ms: Option<u64>,
-    /// The spool had nothing more to send.
-    exhausted: bool,
-}
-
-/// Reads and encodes up to `count` messages; runs on the blocking pool.
-struct PrepareJob {
-    spool: Spool,
-    cursors: HashMap<u32, u64>,
-    limits: crate::config::BatchLimits,
-    max_packet_bytes: usize,
-    topics: Topics,
-    origin: Origin,
-    ignore_linger: bool,
-    count: usize,
-    sent_high: HashMap<u32, u64>,
-}
-
-impl PrepareJob {
-    fn run(mut self) -> Result<PrepareOutcome, crate::spool::SpoolError> {
-        let mut messages = Vec::new();
-        let mut linger_due_ms = None;
-        let mut exhausted = false;
-        while messages.len() < self.count {
-            let Some(batch) = self.spool.next_batch(&self.cursors, &self.limits)? else {
-                exhausted = true;
-                break;
-            };
-            let is_reply = batch.stream == COMMANDS_STREAM;
-            if !batch.full && !is_reply && !self.ignore_linger && !self.limits.linger.is_zero() {
-                let due = batch.chunks[0].committed_ms + self.limits.linger.as_millis() as u64;
-                if now_ms() < due {
-                    linger_due_ms = Some(due);
-                    break;
-                }
-            }
-            let (topic, payload, used) = if is_reply {
-                let record = &batch.chunks[0].records[0];
-                (
-                    self.topics.replies(),
-                    payload::encode_reply(&self.origin, record),
-                    1,
-                )
-            } else {
-                let (p, used) = payload::encode(
-                    &self.origin,
-                    &batch.stream,
-                    &batch.chunks,
-                    self.limits.max_bytes,
-                );
-                (self.topics.data(&batch.stream), p, used)
-            };
-            let chunks = &batch.chunks[..used];
-            let last = chunks
-                .last()
-                .expect("encode uses at least one chunk")
-                .chunk_id;
-            self.cursors.insert(batch.stream_id, last);
-            let sent = Sent {
-                stream_id: batch.stream_id,
-                chunk_ids: chunks.iter().map(|c| c.chunk_id).collect(),
-                records: chunks.iter().map(|c| c.records.len() as u64).sum(),
-            };
-            // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
-            let oversize = payload.len() + topic.len() + 9 > self.max_packet_bytes;
-            let high = self.sent_high.get(&batch.stream_id).copied();
-            let resent = chunks
-                .iter()
-                .filter(|c| high.is_some_and(|h| c.chunk_id <= h))
-                .map(|c| c.records.len() as u64)
-                .sum();
-            messages.push(Prepared {
-                topic,
-                payload,
-                sent,
-                resent,
-                oversize,
-            });
-        }
-        Ok(PrepareOutcome {
-            messages,
-            cursors: self.cursors,
-            linger_due_ms,
-            exhausted,
-        })
-    }
-}
-
 /// A published data message whose PUBACK is awaited.
 #[derive(Debug, Clone)]
 struct Sent {
     stream_id: u32,
     chunk_ids: Vec<u64>,
     records: u64,
+    /// Payload size.
+    bytes: usize,
 }
 
 enum EpochEnd {
@@ -609,6 +510,10 @@ impl Uplink {
                 ignore_linger: *flush_now,
                 count: free,
                 sent_high: self.sent_high.clone(),
+                byte_budget: s
+                    .inflight_bytes
+                    .map(|cap| cap.saturating_sub(inflight.data().map(|d| d.bytes).sum())),
+                must_send_one: inflight.data_len() == 0,
             };
             let prepared = tokio::task::spawn_blocking(move || job.run())
                 .await

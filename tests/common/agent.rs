@@ -217,6 +217,8 @@ pub struct AgentConfig {
     pub linger_ms: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// `uplink.min_link_bytes_per_s`; ferry's default when None.
+    pub min_link_bytes_per_s: Option<u64>,
     pub tls: Option<TlsConfig>,
     pub auth: Option<AuthConfig>,
     /// Items of the `collectors` list as YAML mappings, one string each (multi-line).
@@ -239,6 +241,7 @@ impl AgentConfig {
             linger_ms: 100,
             backoff_initial_ms: 100,
             backoff_max_ms: 1000,
+            min_link_bytes_per_s: None,
             tls: None,
             auth: None,
             collectors: vec![SYSTEM_COLLECTOR.to_owned()],
@@ -296,6 +299,9 @@ uplink:
             backoff_initial_ms = self.backoff_initial_ms,
             backoff_max_ms = self.backoff_max_ms,
         );
+        if let Some(rate) = self.min_link_bytes_per_s {
+            y += &format!("  min_link_bytes_per_s: {rate}\n");
+        }
         if let Some(tls) = &self.tls {
             y += "  tls:\n";
             y += &format!("    ca_file: {}\n", quote_path(&tls.ca_file));
