@@ -3,8 +3,9 @@
 //! `tests/soak.sh [SECONDS]` builds the release binary and runs it.
 //!
 //! Set-up as in tests/chaos.rs: Mosquitto with persistence, ferry -> fault proxy -> Mosquitto,
-//! a subscriber on the broker's own port, ferry with `SOAK_COLLECTORS` (default 8) system
-//! collectors at 200 ms. Schedule, for `SOAK_SECS` (default 600) seconds: a SIGKILL of ferry
+//! a subscriber on the broker's own port. Sources: a file that this test appends
+//! `SOAK_LINES_PER_S` (default 500; 0: none) numbered lines per second to, tailed by a `file`
+//! collector (stream `lines`), and `SOAK_COLLECTORS` (default 8) system collectors at 200 ms. Schedule, for `SOAK_SECS` (default 600) seconds: a SIGKILL of ferry
 //! (restarted within 2 s) every 30-90 s, a graceful broker restart (down 0.5-5 s) every
 //! 60-120 s, and in between, after a calm 1-5 s each, one of: a cut; a 2-20 s blackhole; 10-30 s
 //! of 9600 B/s with 600 ms latency each way; 5-20 s of 100-800 ms latency; 5-20 s of a
@@ -15,19 +16,25 @@
 //! stream), delivered (distinct seqs at the subscriber), lost (must be 0), duplicates,
 //! reconnects ("Connected to the broker" in ferry's log), ferry's maximum RSS (VmHWM sampled
 //! every 250 ms and before every SIGKILL, over all its processes) and the spool directory's
-//! high-water mark, plus the causes of lost connections and ferry's ERROR lines. The test fails
-//! if anything was lost or ferry exited on its own. `SOAK_LOG=path` keeps ferry's log.
+//! high-water mark, plus the causes of lost connections and ferry's ERROR lines. For the file
+//! source it also checks the far end: once the writer stops, ferry must ingest every line
+//! exactly once across all its SIGKILLs, so line n must be the record with seq n. The test
+//! fails if anything was lost, a line was skipped or ingested twice, or ferry exited on its
+//! own. `SOAK_LOG=path` keeps ferry's log.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::agent::{Agent, AgentConfig};
 use common::broker::{Broker, BrokerOpts};
-use common::drain::stop_and_drain;
+use common::drain::{live_status, stop_and_drain};
 use common::proxy::{Direction, Proxy};
 use common::subscriber::Subscriber;
 use tokio::time::Instant;
@@ -38,6 +45,10 @@ const LOST: &str = "Connection lost";
 const SAMPLE: Duration = Duration::from_millis(250);
 /// How long the final drain may take (a throttled phase can leave a large backlog).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// The file source's stream.
+const LINES: &str = "lines";
+/// How long ferry may take to ingest the file's last lines once the writer stopped.
+const INGEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -218,6 +229,49 @@ fn losses_by_error(log: &str) -> Vec<(usize, String)> {
     v
 }
 
+/// Appends lines `1`, `2`, ... to `path` at `per_s` lines per second until `stop`; returns how
+/// many it wrote. Writes every 10 ms, like a busy application's log.
+fn spawn_writer(
+    path: std::path::PathBuf,
+    per_s: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        let start = std::time::Instant::now();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let due = (start.elapsed().as_secs_f64() * per_s as f64) as u64;
+            let mut buf = String::new();
+            while n < due {
+                n += 1;
+                buf.push_str(&n.to_string());
+                buf.push('\n');
+            }
+            f.write_all(buf.as_bytes())
+                .unwrap_or_else(|e| panic!("cannot append to {}: {e}", path.display()));
+            std::thread::sleep(ms(10));
+        }
+        n
+    })
+}
+
+/// Records of the `lines` stream at the subscriber whose line is not their seq.
+fn misnumbered_lines(sub: &Subscriber) -> Vec<(u64, String)> {
+    sub.records(LINES)
+        .iter()
+        .filter_map(|r| {
+            let seq = r["seq"].as_u64()?;
+            let line = r["line"].as_str().unwrap_or("<no line>");
+            (line != seq.to_string()).then(|| (seq, line.to_owned()))
+        })
+        .collect()
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -227,6 +281,7 @@ fn mib(bytes: u64) -> f64 {
 async fn soak() {
     let secs = env_u64("SOAK_SECS", 600);
     let collectors = env_u64("SOAK_COLLECTORS", 8);
+    let lines_per_s = env_u64("SOAK_LINES_PER_S", 500);
     let seed = env_u64(
         "SOAK_SEED",
         std::time::SystemTime::now()
@@ -234,8 +289,11 @@ async fn soak() {
             .expect("the clock is after 1970")
             .as_secs(),
     );
+    let sources = format!(
+        "a file tailed at {lines_per_s} lines/s and {collectors} system collectors at 200 ms"
+    );
     eprintln!(
-        "soak: {secs} s, {collectors} system collectors at 200 ms, SOAK_SEED={seed}, ferry {}",
+        "soak: {secs} s, {sources}, SOAK_SEED={seed}, ferry {}",
         common::agent::ferry_bin()
     );
 
@@ -247,11 +305,21 @@ async fn soak() {
     let proxy = Proxy::start(broker.agent_port());
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = AgentConfig::new(dir.path(), proxy.port());
-    let streams: Vec<String> = (0..collectors).map(|i| format!("sys{i}")).collect();
+    let mut streams: Vec<String> = (0..collectors).map(|i| format!("sys{i}")).collect();
     cfg.collectors = streams
         .iter()
         .map(|name| format!("type: system\nname: {name}\ninterval_ms: 200"))
         .collect();
+    let source = dir.path().join("source.log");
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let writer = (lines_per_s > 0).then(|| {
+        cfg.collectors.push(format!(
+            "type: file\nname: {LINES}\npath: {}\nstart_at: beginning\npoll_interval_ms: 100",
+            source.display()
+        ));
+        streams.push(LINES.to_owned());
+        spawn_writer(source.clone(), lines_per_s, Arc::clone(&stop_writer))
+    });
     let agent = Agent::spawn(dir.path(), &cfg.render());
     let mut s = Soak {
         agent,
@@ -301,8 +369,27 @@ async fn soak() {
     }
     let faults_for = start.elapsed();
 
-    // The end: a healthy link, a clean stop, a drain without collectors.
+    // The end: a healthy link, the writer stopped and its last lines ingested, a clean stop, a
+    // drain without collectors.
     s.proxy.clear();
+    stop_writer.store(true, Ordering::Relaxed);
+    let written = writer.map(|w| w.join().expect("the file writer panicked"));
+    if let Some(written) = written {
+        let deadline = Instant::now() + INGEST_TIMEOUT;
+        loop {
+            let ingested = live_status(&s.cfg).await.and_then(|st| {
+                st["spool"]["streams"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["name"] == LINES)?["next_seq"]
+                    .as_u64()
+            });
+            if ingested.is_some_and(|next| next > written) || Instant::now() >= deadline {
+                break;
+            }
+            s.hold(ms(200)).await;
+        }
+    }
     s.sample();
     let drain_start = Instant::now();
     let drained = stop_and_drain(&mut s.agent, &s.cfg, &s.sub, &s.streams, DRAIN_TIMEOUT).await;
@@ -319,14 +406,29 @@ async fn soak() {
     let error_lines = log.lines().filter(|l| l.contains(" ERROR ")).count();
     let t = &s.t;
     let dups = drained.duplicates();
+    let lines_accepted = drained
+        .streams
+        .iter()
+        .find(|x| x.name == LINES)
+        .map_or(0, |x| x.accepted);
+    let misnumbered = misnumbered_lines(&s.sub);
+    let source_ok = written.is_none_or(|w| w == lines_accepted) && misnumbered.is_empty();
+    let source_line = match written {
+        Some(w) => format!(
+            "{w} lines written, {lines_accepted} ingested, {} delivered records whose line is not their seq",
+            misnumbered.len()
+        ),
+        None => "none".to_owned(),
+    };
     let left: u64 = drained.streams.iter().map(|x| x.left_in_spool).sum();
     let evicted: u64 = drained.streams.iter().map(|x| x.evicted).sum();
     println!(
         "
 === ferry soak summary ===
-run:            tests/soak.sh {secs}  (SOAK_SEED={seed}, {collectors} system collectors at 200 ms, faults for {:.0} s, final drain {:.1} s)
+run:            tests/soak.sh {secs}  (SOAK_SEED={seed}; {sources}; faults for {:.0} s, final drain {:.1} s)
 faults:         {} cuts, {} blackholes ({:.0} s in all), {} x 9600 B/s + 600 ms ({:.0} s), {} latency phases, {} throttle phases, {} SIGKILLs of ferry, {} graceful broker restarts
 records produced: {}  (spool next_seq - 1 over {} streams, after a final clean stop and drain)
+file source:      {source_line}
 delivered:        {}  (distinct seqs at the subscriber)
 lost:             {}
 duplicates:       {}  ({:.2}% of {} received)
@@ -366,7 +468,7 @@ result: {}
         drained.loss_records,
         t.unexpected_exits,
         drained.completed,
-        if drained.lost() == 0 && t.unexpected_exits == 0 && drained.completed {
+        if drained.lost() == 0 && t.unexpected_exits == 0 && drained.completed && source_ok {
             "PASS"
         } else {
             "FAIL"
@@ -374,4 +476,9 @@ result: {}
     );
     drained.assert_nothing_lost(&log);
     assert_eq!(t.unexpected_exits, 0, "ferry exited on its own:\n{log}");
+    assert!(
+        source_ok,
+        "file source: {source_line}; first misnumbered: {:?}",
+        &misnumbered[..misnumbered.len().min(10)]
+    );
 }

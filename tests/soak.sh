@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Soak run: ferry (release build) under a random, seeded mix of link cuts, blackholes,
-# throttling, latency, SIGKILLs and graceful Mosquitto restarts for SECONDS (default 600),
-# then one summary: records produced, delivered, lost (must be 0), duplicates, reconnects,
-# max RSS, spool disk high-water mark. Exits non-zero if anything was lost.
+# Soak run: ferry (release build), fed by a file it tails and by system collectors, under a
+# random, seeded mix of link cuts, blackholes, throttling, latency, SIGKILLs and graceful
+# Mosquitto restarts for SECONDS (default 600), then one summary: records produced, delivered,
+# lost (must be 0), duplicates, reconnects, max RSS, spool disk high-water mark. Exits non-zero
+# if anything was lost or a line of the file was skipped or ingested twice.
 #
 # Not part of scripts/test. Needs mosquitto (scripts/test installs it). The driver is the
 # ignored test in tests/soak.rs; see its module doc for the schedule.
 #
 #   tests/soak.sh [SECONDS]
 #   SOAK_SEED=N          replay a fault schedule (the seed is printed)
+#   SOAK_LINES_PER_S=N   lines per second appended to a file ferry tails (default 500; 0: none)
 #   SOAK_COLLECTORS=N    system collectors at 200 ms (default 8, about 40 records/s)
 #   SOAK_LOG=PATH        keep ferry's log (all its runs) there
 set -euo pipefail
