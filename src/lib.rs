@@ -30,6 +30,7 @@ pub mod lifecycle;
 pub mod record;
 pub mod spool;
 pub mod uplink;
+pub mod wire;
 
 /// The agent's version, as published in the online status and `ferry --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

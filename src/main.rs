@@ -50,6 +50,9 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// Turn ferry data messages (any encoding, docs/WIRE.md) back into JSON lines, one per
+    /// record: each FILE holds one message payload; standard input when none is given.
+    Decode { files: Vec<PathBuf> },
 }
 
 #[derive(Subcommand)]
@@ -83,7 +86,51 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Status { config, json } => status(config, json),
         Command::Spool { command } => spool(command),
+        Command::Decode { files } => decode(&files),
     }
+}
+
+/// sysexits' EX_DATAERR: the input is not a ferry message.
+const EXIT_DATA: u8 = 65;
+
+fn decode(files: &[PathBuf]) -> ExitCode {
+    let inputs: Vec<(String, std::io::Result<Vec<u8>>)> = if files.is_empty() {
+        let mut buf = Vec::new();
+        let read = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf);
+        vec![("standard input".to_string(), read)]
+    } else {
+        files
+            .iter()
+            .map(|f| (f.display().to_string(), std::fs::read(f)))
+            .collect()
+    };
+    let mut out = std::io::stdout().lock();
+    let mut code = ExitCode::SUCCESS;
+    for (name, data) in inputs {
+        let message = match data {
+            Ok(d) => ferry::wire::decode(&d),
+            Err(e) => {
+                eprintln!("error: cannot read {name}: {e}");
+                code = ExitCode::FAILURE;
+                continue;
+            }
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("error: {name} is not a ferry message: {e}");
+                code = ExitCode::from(EXIT_DATA);
+                continue;
+            }
+        };
+        for r in &message.records {
+            let line = ferry::wire::json_line(&message, r);
+            if writeln!(out, "{line}").is_err() {
+                return code;
+            }
+        }
+    }
+    code
 }
 
 fn config_error(e: &config::ConfigError) -> ExitCode {
@@ -185,6 +232,23 @@ fn render_status(s: &serde_json::Value) -> String {
     out += &format!(
         "published {} messages, {} records acknowledged, {} connections\n",
         c["messages_published"], c["records_acked"], c["connects"]
+    );
+    let b = &s["budget"];
+    let limit = |v: &serde_json::Value| {
+        v.as_u64()
+            .map_or("unlimited".to_string(), |l| l.to_string())
+    };
+    out += &format!(
+        "budget: today {} of {} bytes, this month {} of {} bytes{}\n",
+        b["daily_used"],
+        limit(&b["daily_limit"]),
+        b["monthly_used"],
+        limit(&b["monthly_limit"]),
+        if b["spent"] == true {
+            "  SPENT: only the high lane flows"
+        } else {
+            ""
+        }
     );
     let n = &s["counters"];
     out += &format!(

@@ -13,6 +13,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Stream on which the spool reports every record it had to drop, with the reason.
 pub const LOSS_STREAM: &str = "ferry.loss";
 
+/// Stream of the agent's own figures (`self_metrics_interval_ms`); on the bulk lane unless
+/// configured otherwise.
+pub const SELF_STREAM: &str = "ferry.self";
+
 /// Stream of command replies; published one reply per message on the replies topic, ahead of
 /// every other stream.
 pub const COMMANDS_STREAM: &str = "commands";

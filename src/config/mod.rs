@@ -14,8 +14,9 @@ mod settings;
 
 pub use raw::{FullPolicy, ParamKind};
 pub use settings::{
-    ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, ClockSettings,
-    CommandSettings, Config, ParamSettings, SpoolSettings, TlsSettings, UplinkSettings,
+    ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, BudgetSettings,
+    ClockSettings, CommandSettings, Config, ParamSettings, SpoolSettings, StreamSettings,
+    TlsSettings, UplinkSettings,
 };
 
 use locate::{Locator, Position};

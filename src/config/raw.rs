@@ -26,6 +26,9 @@ pub struct RawConfig {
     /// The command channel; on with the built-in commands when missing.
     #[serde(default)]
     pub commands: RawCommands,
+    /// Per-stream encoding, compression, lane and drain order (by stream name).
+    #[serde(default)]
+    pub streams: std::collections::BTreeMap<String, RawStream>,
     /// Each item is a collector; parsed by `collectors::CollectorConfig::from_yaml` so that
     /// errors inside an item keep their full key path.
     pub collectors: Vec<serde_yaml::Value>,
@@ -96,6 +99,71 @@ pub struct RawUplink {
     pub tls: Option<RawTls>,
     #[serde(default)]
     pub auth: Option<RawAuth>,
+    /// Encoding of every stream not configured under `streams`.
+    #[serde(default)]
+    pub encoding: crate::wire::Encoding,
+    #[serde(default)]
+    pub compression: RawCompression,
+    #[serde(default = "defaults::zstd_level")]
+    pub zstd_level: i64,
+    #[serde(default)]
+    pub lanes: RawLanes,
+    /// Wire bytes allowed per UTC day and/or calendar month; when spent only the high lane
+    /// flows until the period rolls over.
+    #[serde(default)]
+    pub budget: RawBudget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawCompression {
+    #[default]
+    None,
+    Zstd,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLanes {
+    #[serde(default = "defaults::normal_weight")]
+    pub normal_weight: u64,
+    #[serde(default = "defaults::bulk_weight")]
+    pub bulk_weight: u64,
+}
+
+impl Default for RawLanes {
+    fn default() -> Self {
+        RawLanes {
+            normal_weight: defaults::normal_weight(),
+            bulk_weight: defaults::bulk_weight(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    #[serde(default)]
+    pub daily_bytes: Option<u64>,
+    #[serde(default)]
+    pub monthly_bytes: Option<u64>,
+}
+
+/// One stream's overrides; what is missing comes from `uplink`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStream {
+    #[serde(default)]
+    pub encoding: Option<crate::wire::Encoding>,
+    #[serde(default)]
+    pub compression: Option<RawCompression>,
+    #[serde(default)]
+    pub zstd_level: Option<i64>,
+    #[serde(default)]
+    pub lane: Option<crate::spool::Lane>,
+    /// After an outage send the newest batch first, then the backlog oldest-first.
+    #[serde(default)]
+    pub live_first: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,6 +331,15 @@ pub enum ParamKind {
 pub mod defaults {
     pub fn yes() -> bool {
         true
+    }
+    pub fn zstd_level() -> i64 {
+        3
+    }
+    pub fn normal_weight() -> u64 {
+        4
+    }
+    pub fn bulk_weight() -> u64 {
+        1
     }
     pub fn sync_marker() -> String {
         crate::clock::DEFAULT_SYNC_MARKER.into()

@@ -1,9 +1,14 @@
 //! The validated, frozen configuration and the checks that produce it.
 
 use super::Issue;
-use super::raw::{FullPolicy, ParamKind, RawCommands, RawConfig, RawUplink};
+use super::raw::{
+    FullPolicy, ParamKind, RawCommands, RawCompression, RawConfig, RawStream, RawUplink,
+};
 use crate::collectors::CollectorConfig;
-use crate::record::is_valid_stream_name;
+use crate::record::{COMMANDS_STREAM, LOSS_STREAM, is_valid_stream_name};
+use crate::spool::{DrainRules, Lane, LaneWeights, StreamDrain};
+use crate::wire::{Compression, Format};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -98,6 +103,35 @@ pub struct UplinkSettings {
     pub shutdown_grace: Duration,
     pub tls: Option<TlsSettings>,
     pub auth: Option<AuthSettings>,
+    pub streams: StreamSettings,
+    pub budget: BudgetSettings,
+}
+
+/// How each stream is encoded and drained.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StreamSettings {
+    /// Streams not named in `formats`.
+    pub default_format: Format,
+    pub formats: BTreeMap<String, Format>,
+    pub drain: DrainRules,
+}
+
+impl StreamSettings {
+    pub fn format(&self, stream: &str) -> Format {
+        self.formats
+            .get(stream)
+            .copied()
+            .unwrap_or(self.default_format)
+    }
+}
+
+/// Wire bytes (MQTT PUBLISH packets, headers included) allowed per period; `None` = no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BudgetSettings {
+    /// Per UTC day.
+    pub daily_bytes: Option<u64>,
+    /// Per UTC calendar month.
+    pub monthly_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -204,7 +238,8 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
     let flush_max = c.range("spool.flush_max_records", s.flush_max_records, 1, 100_000);
     let cache = c.range("spool.cache_bytes", s.cache_bytes, 256 << 10, 1 << 30);
 
-    let uplink = validate_uplink(&mut c, &raw.uplink, base, &device_id);
+    let mut uplink = validate_uplink(&mut c, &raw.uplink, base, &device_id);
+    uplink.streams = validate_streams(&mut c, &raw.uplink, &raw.streams);
     let spool = SpoolSettings {
         dir: resolve(base, &s.dir),
         max_bytes,
@@ -582,7 +617,108 @@ fn validate_uplink(c: &mut Checker, u: &RawUplink, base: &Path, device_id: &str)
         shutdown_grace: Duration::from_millis(grace),
         tls,
         auth,
+        streams: StreamSettings::default(),
+        budget: BudgetSettings {
+            daily_bytes: budget(c, "uplink.budget.daily_bytes", u.budget.daily_bytes),
+            monthly_bytes: budget(c, "uplink.budget.monthly_bytes", u.budget.monthly_bytes),
+        },
     }
+}
+
+/// Smallest budget accepted: a budget below a few messages would only ever let the high lane
+/// through.
+const MIN_BUDGET_BYTES: u64 = 4096;
+
+fn budget(c: &mut Checker, path: &str, value: Option<u64>) -> Option<u64> {
+    value.map(|v| c.range(path, v, MIN_BUDGET_BYTES, u64::MAX))
+}
+
+fn compression(c: &mut Checker, path: &str, kind: RawCompression, level: i64) -> Compression {
+    let range = zstd::compression_level_range();
+    let (lo, hi) = (*range.start() as i64, *range.end() as i64);
+    if level < lo || level > hi {
+        c.fail(
+            path,
+            format!("must be a zstd level between {lo} and {hi}, got {level}"),
+        );
+    }
+    match kind {
+        RawCompression::None => Compression::None,
+        RawCompression::Zstd => Compression::Zstd {
+            level: level.clamp(lo, hi) as i32,
+        },
+    }
+}
+
+fn validate_streams(
+    c: &mut Checker,
+    u: &RawUplink,
+    streams: &BTreeMap<String, RawStream>,
+) -> StreamSettings {
+    let default_format = Format {
+        encoding: u.encoding,
+        compression: compression(c, "uplink.zstd_level", u.compression, u.zstd_level),
+    };
+    let weights = LaneWeights {
+        normal: c.range("uplink.lanes.normal_weight", u.lanes.normal_weight, 1, 1000) as u32,
+        bulk: c.range("uplink.lanes.bulk_weight", u.lanes.bulk_weight, 1, 1000) as u32,
+    };
+    let mut out = StreamSettings {
+        default_format,
+        formats: BTreeMap::new(),
+        drain: DrainRules {
+            weights,
+            streams: BTreeMap::new(),
+        },
+    };
+    for (name, s) in streams {
+        let path = format!("streams.{name}");
+        if !is_valid_stream_name(name) {
+            c.fail(
+                &path,
+                format!("{name:?} is not a stream name: 1-64 characters of A-Z a-z 0-9 _ . -"),
+            );
+            continue;
+        }
+        let fixed_high = name == COMMANDS_STREAM || name == LOSS_STREAM;
+        if fixed_high && s.lane.is_some_and(|l| l != Lane::High) {
+            c.fail(
+                &format!("{path}.lane"),
+                format!("{name} always travels on the high lane"),
+            );
+        }
+        if fixed_high && s.live_first {
+            c.fail(
+                &format!("{path}.live_first"),
+                format!("{name} is always sent oldest first"),
+            );
+        }
+        if name == COMMANDS_STREAM && (s.encoding.is_some() || s.compression.is_some()) {
+            c.fail(
+                &path,
+                "command replies are always plain JSON on the replies topic",
+            );
+        }
+        let format = Format {
+            encoding: s.encoding.unwrap_or(u.encoding),
+            compression: compression(
+                c,
+                &format!("{path}.zstd_level"),
+                s.compression.unwrap_or(u.compression),
+                s.zstd_level.unwrap_or(u.zstd_level),
+            ),
+        };
+        out.formats.insert(name.clone(), format);
+        let default = out.drain.of(name);
+        out.drain.streams.insert(
+            name.clone(),
+            StreamDrain {
+                lane: s.lane.unwrap_or(default.lane),
+                live_first: s.live_first,
+            },
+        );
+    }
+    out
 }
 
 /// The host name, reduced to characters usable in a topic; "ferry" if it cannot be read.

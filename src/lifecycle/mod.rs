@@ -163,6 +163,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
         boot.clone(),
         uplink_stop.clone(),
     );
+    uplink = uplink.with_clock(clock.clone());
     let uplink_stats = uplink.stats();
     let commands_stop = CancellationToken::new();
     let mut commands_task = None;
@@ -422,6 +423,13 @@ impl Running {
                 "last_error": *u.last_error.lock().unwrap_or_else(|p| p.into_inner()),
                 "messages_published": u.messages_published.load(Ordering::Relaxed),
                 "records_acked": u.records_acked.load(Ordering::Relaxed),
+            },
+            "budget": {
+                "daily_limit": s.budget.daily_bytes,
+                "daily_used": u.budget.day_used.load(Ordering::Relaxed),
+                "monthly_limit": s.budget.monthly_bytes,
+                "monthly_used": u.budget.month_used.load(Ordering::Relaxed),
+                "spent": u.budget.spent.load(Ordering::Relaxed),
             },
             "counters": {
                 "collected": stats.counters.collected,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub const SELF_STREAM: &str = "ferry.self";
+pub use crate::record::SELF_STREAM;
 
 pub async fn run(
     control: Control,

@@ -20,8 +20,9 @@
 //! on it survives SIGKILL and power loss, and it leaves the spool only by ack or by counted
 //! eviction.
 //!
-//! **Read.** [`Spool::next_batch`] hands out the oldest accepted chunks of one stream after a
-//! per-stream cursor that the uplink keeps per connection epoch. Chunks written but not yet
+//! **Read.** [`Spool::drain_batch`] hands out accepted chunks of one stream in the order of
+//! [`drain`] (lanes, weights, live-first) after the [`DrainState`] the uplink keeps per
+//! connection epoch. Chunks written but not yet
 //! flushed are never handed out: a record is never sent before it is durable, so a crash can
 //! never make a delivered seq be reused for other data.
 //!
@@ -39,10 +40,12 @@
 //! the stored bytes on disk and do not shrink (see docs/ARCHITECTURE.md).
 
 pub mod chunk;
+pub mod drain;
 pub mod keys;
 mod store;
 pub mod writer;
 
+pub use drain::{DrainRules, DrainState, Lane, LaneWeights, Pick, StreamDrain};
 pub use store::{
     Batch, ChunkData, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats,
 };

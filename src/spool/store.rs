@@ -6,6 +6,7 @@
 //! the mutex; [`Inner::readable_below`] then advances so readers see only flushed chunks.
 
 use super::chunk::{self, Header};
+use super::drain::{DrainRules, DrainState, Lane, Pick};
 use super::keys;
 use super::{Checkpoint, Intake, SpoolError};
 use crate::clock::{ClockSource, ClockState, SystemClock};
@@ -120,6 +121,11 @@ pub struct Batch {
     pub chunks: Vec<ChunkData>,
     /// True when a limit stopped the batch (more records of this stream are waiting).
     pub full: bool,
+    pub lane: Lane,
+    /// Which part of the stream it was read from.
+    pub pick: Pick,
+    /// Normal and bulk both had data when it was picked.
+    pub contested: bool,
 }
 
 impl Batch {
@@ -715,53 +721,128 @@ impl Spool {
         Ok(best)
     }
 
-    /// The oldest readable chunks of one stream after the per-stream `cursors` (the last chunk
-    /// id already handed out in this connection epoch). Picks the stream whose next chunk is
-    /// oldest, then adds that stream's following chunks while they fit `limits`.
+    /// The oldest chunks of one stream after `cursors` (chunk id sent last per stream), in
+    /// plain oldest-first order with command replies and loss records first.
     pub fn next_batch(
         &self,
         cursors: &HashMap<u32, u64>,
         limits: &BatchLimits,
     ) -> Result<Option<Batch>, SpoolError> {
+        self.drain_batch(
+            &DrainState::from_backlog(cursors),
+            limits,
+            &DrainRules::default(),
+            false,
+        )
+    }
+
+    /// The next batch to send in the order of [`super::drain`]: lane first, then the stream
+    /// whose pending data is oldest; `high_only` when only the high lane may flow (byte
+    /// budget spent). The caller records what it sent with [`DrainState::advance`].
+    pub fn drain_batch(
+        &self,
+        state: &DrainState,
+        limits: &BatchLimits,
+        rules: &DrainRules,
+        high_only: bool,
+    ) -> Result<Option<Batch>, SpoolError> {
         let readable = self.inner.readable_below.load(Ordering::Acquire);
         if readable == 0 {
             return Ok(None);
         }
-        let streams = self.streams_with_data();
         let tree = &self.inner.tree;
-        let range = |sid: u32| {
-            let start = cursors.get(&sid).map_or(0, |c| c + 1);
-            tree.range(keys::chunk(sid, start)..keys::chunk(sid, readable))
-        };
-        // Command replies first; then the stream whose next chunk is oldest.
-        let mut pick: Option<(u32, String, u64)> = None;
-        for (sid, name) in streams {
-            if let Some(item) = range(sid).next() {
-                let (k, _) = item?;
-                let cid = keys::chunk_id(&k).expect("chunk key");
-                let urgent = name == COMMANDS_STREAM;
-                if urgent || pick.as_ref().is_none_or(|p| cid < p.2) {
-                    pick = Some((sid, name, cid));
-                }
-                if urgent {
-                    break;
-                }
+        let head = |sid: u32, start: u64, end: u64| -> Result<Option<u64>, SpoolError> {
+            if start >= end {
+                return Ok(None);
             }
+            match tree
+                .range(keys::chunk(sid, start)..keys::chunk(sid, end))
+                .next()
+            {
+                Some(item) => Ok(Some(keys::chunk_id(&item?.0).expect("chunk key"))),
+                None => Ok(None),
+            }
+        };
+        struct Candidate {
+            sid: u32,
+            name: String,
+            lane: Lane,
+            pick: Pick,
+            start: u64,
+            end: u64,
+            oldest: u64,
         }
-        let Some((sid, stream, _)) = pick else {
+        let mut candidates = Vec::new();
+        for (sid, name) in self.streams_with_data() {
+            let rule = rules.of(&name);
+            if high_only && rule.lane != Lane::High {
+                continue;
+            }
+            let c = state.cursor(sid);
+            let (b_start, b_end) = (c.backlog_start(), c.ahead.map_or(readable, |a| a.0));
+            let backlog = head(sid, b_start, b_end)?;
+            let fresh = match c.ahead {
+                Some((_, last)) => head(sid, last + 1, readable)?.map(|h| (h, last + 1)),
+                None => None,
+            };
+            let (pick, start, end, first) = match (fresh, backlog) {
+                (Some((h, start)), _) => (Pick::Fresh, start, readable, h),
+                (None, Some(h)) if rule.live_first && c.ahead.is_none() => {
+                    (Pick::Newest, b_start, b_end, h)
+                }
+                (None, Some(h)) => (Pick::Backlog, b_start, b_end, h),
+                (None, None) => continue,
+            };
+            candidates.push(Candidate {
+                sid,
+                name,
+                lane: rule.lane,
+                pick,
+                start,
+                end,
+                oldest: backlog.unwrap_or(first).min(first),
+            });
+        }
+        let has = |lane: Lane| candidates.iter().any(|c| c.lane == lane);
+        let contested = has(Lane::Normal) && has(Lane::Bulk);
+        let lane = if has(Lane::High) {
+            Lane::High
+        } else if contested {
+            state.lower_lane(rules.weights)
+        } else if has(Lane::Normal) {
+            Lane::Normal
+        } else if has(Lane::Bulk) {
+            Lane::Bulk
+        } else {
             return Ok(None);
         };
+        // Command replies first; then the stream whose pending data is oldest.
+        let pick = candidates
+            .into_iter()
+            .filter(|c| c.lane == lane)
+            .min_by_key(|c| (c.name != COMMANDS_STREAM, c.oldest))
+            .expect("the lane has a candidate");
         let mut batch = Batch {
-            stream_id: sid,
-            stream,
+            stream_id: pick.sid,
+            stream: pick.name,
             chunks: Vec::new(),
             full: false,
+            lane,
+            pick: pick.pick,
+            contested,
         };
-        let (mut records, mut bytes) = (0usize, 0usize);
         let one_chunk = batch.stream == COMMANDS_STREAM;
-        for item in range(sid) {
+        let range = tree.range(keys::chunk(pick.sid, pick.start)..keys::chunk(pick.sid, pick.end));
+        let (mut records, mut bytes) = (0usize, 0usize);
+        let items: Box<dyn Iterator<Item = _>> = if pick.pick == Pick::Newest {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        let mut read_all = true;
+        for item in items {
             if one_chunk && !batch.chunks.is_empty() {
-                batch.full = true;
+                read_all = false;
                 break;
             }
             let (k, v) = item?;
@@ -770,7 +851,7 @@ impl Spool {
             if !batch.chunks.is_empty()
                 && (records + recs.len() > limits.max_records || bytes + size > limits.max_bytes)
             {
-                batch.full = true;
+                read_all = false;
                 break;
             }
             records += recs.len();
@@ -782,9 +863,14 @@ impl Spool {
                 records: recs,
             });
             if records >= limits.max_records {
-                batch.full = true;
+                read_all = false;
                 break;
             }
+        }
+        // A limit stopped the batch: more of the stream waits (for Newest: older chunks).
+        batch.full = !read_all || records >= limits.max_records;
+        if pick.pick == Pick::Newest {
+            batch.chunks.reverse();
         }
         Ok(Some(batch))
     }

@@ -16,6 +16,7 @@
 //! - **Reconnect backoff** lives here (exponential, full jitter, capped, reset after a
 //!   connection stayed up for `reset_after`). rumqttc has none of its own.
 
+pub mod budget;
 pub mod inflight;
 pub mod options;
 pub mod payload;
@@ -23,10 +24,12 @@ mod prepare;
 pub mod tls;
 
 use crate::backoff::Backoff;
-use crate::config::UplinkSettings;
+use crate::clock::ClockSource;
+use crate::config::{StreamSettings, UplinkSettings};
 use crate::lifecycle::watchdog::{Heartbeat, TICK};
 use crate::record::now_ms;
-use crate::spool::Spool;
+use crate::spool::{DrainState, Pick, Spool};
+use budget::{Budget, BudgetStats};
 use inflight::{Bind, Inflight, Tag};
 use options::Topics;
 use payload::Origin;
@@ -71,6 +74,7 @@ pub struct UplinkStats {
     /// Delay before the next connection attempt, while disconnected.
     pub backoff_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    pub budget: Arc<BudgetStats>,
 }
 
 /// A command publish received in connection epoch `epoch`, not yet acknowledged.
@@ -154,6 +158,7 @@ struct EpochCtx {
     topics: Topics,
     commands_topic: String,
     origin: Origin,
+    streams: Arc<StreamSettings>,
     epoch: u64,
 }
 
@@ -166,8 +171,13 @@ pub struct Uplink {
     commands: Option<CommandLink>,
     flush: Arc<Notify>,
     heartbeat: Heartbeat,
-    /// Highest chunk id published per stream, across epochs: a chunk at or below it is a resend.
+    /// Highest chunk id published oldest-first per stream, across epochs: a chunk at or below
+    /// it is a resend. (Chunks sent ahead by live-first streams are not tracked: their resends
+    /// are not counted.)
     sent_high: HashMap<u32, u64>,
+    clock: Arc<dyn ClockSource>,
+    /// Opened when `run` starts.
+    budget: Option<Budget>,
 }
 
 impl Uplink {
@@ -187,7 +197,18 @@ impl Uplink {
             flush: Arc::new(Notify::new()),
             heartbeat: Heartbeat::new("uplink"),
             sent_high: HashMap::new(),
+            clock: Arc::new(crate::clock::SystemClock::new(
+                crate::clock::DEFAULT_SYNC_MARKER.into(),
+                false,
+            )),
+            budget: None,
         }
+    }
+
+    /// The clock the byte budget's periods follow.
+    pub fn with_clock(mut self, clock: Arc<dyn ClockSource>) -> Uplink {
+        self.clock = clock;
+        self
     }
 
     /// The heartbeat this task keeps fresh while it is not stuck.
@@ -213,6 +234,20 @@ impl Uplink {
     /// Connects, drains, reconnects with backoff, until the shutdown token is cancelled.
     pub async fn run(mut self) {
         let first = self.settings.borrow().clone();
+        match self.spool.open_tree("budget") {
+            Ok(tree) => {
+                self.budget = Some(Budget::open(
+                    tree,
+                    first.budget,
+                    self.clock.clone(),
+                    self.stats.budget.clone(),
+                ));
+            }
+            Err(e) if first.budget != Default::default() => {
+                error!(error = %e, "Cannot open the byte budget's counts; sending without a budget.");
+            }
+            Err(_) => {}
+        }
         let mut backoff = Backoff::new(first.backoff.initial, first.backoff.max);
         let mut last_error = String::new();
         let mut epoch = 0u64;
@@ -228,9 +263,13 @@ impl Uplink {
                     device: s.device_id.clone(),
                     boot: self.boot.clone(),
                 },
+                streams: Arc::new(s.streams.clone()),
                 s,
                 epoch,
             };
+            if let Some(b) = self.budget.as_mut() {
+                b.set_limits(ctx.s.budget);
+            }
             let broker = format!("{}:{}", ctx.s.host, ctx.s.port);
             let started = Instant::now();
             let end = self.epoch(&ctx, link.as_mut()).await;
@@ -361,7 +400,7 @@ impl Uplink {
         }
         inflight.queued(Tag::Control);
 
-        let mut cursors: HashMap<u32, u64> = HashMap::new();
+        let mut drain = DrainState::default();
         let mut committed = self.spool.subscribe();
         // rumqttc notices a dead link only when a ping finds the previous one unanswered (up to
         // 2-3x keepalive). It pings every keepalive, so on a live link something arrives at
@@ -380,7 +419,7 @@ impl Uplink {
                         ctx,
                         &client,
                         &mut inflight,
-                        &mut cursors,
+                        &mut drain,
                         &mut flush_now,
                         deletes,
                     )
@@ -490,7 +529,7 @@ impl Uplink {
         ctx: &EpochCtx,
         client: &AsyncClient,
         inflight: &mut Inflight<Sent>,
-        cursors: &mut HashMap<u32, u64>,
+        drain: &mut DrainState,
         flush_now: &mut bool,
         deletes: &mut PendingDeletes,
     ) -> Result<Option<Instant>, EpochEnd> {
@@ -502,7 +541,9 @@ impl Uplink {
             }
             let job = PrepareJob {
                 spool: self.spool.clone(),
-                cursors: cursors.clone(),
+                drain: drain.clone(),
+                streams: ctx.streams.clone(),
+                wire_left: self.budget.as_mut().and_then(Budget::remaining),
                 limits: s.batch,
                 max_packet_bytes: s.max_packet_bytes,
                 topics: ctx.topics.clone(),
@@ -523,7 +564,10 @@ impl Uplink {
                     serious: true,
                     was_connected: true,
                 })?;
-            *cursors = prepared.cursors;
+            *drain = prepared.drain;
+            if let (Some(packet), Some(b)) = (prepared.over_budget, self.budget.as_mut()) {
+                b.exhaust(packet);
+            }
             let got = prepared.messages.len();
             for m in prepared.messages {
                 if m.oversize {
@@ -547,7 +591,12 @@ impl Uplink {
                 self.stats
                     .records_resent
                     .fetch_add(m.resent, Ordering::Relaxed);
-                if let Some(last) = m.sent.chunk_ids.last() {
+                if let Some(b) = self.budget.as_mut() {
+                    b.charge(m.wire_bytes);
+                }
+                if m.pick == Pick::Backlog
+                    && let Some(last) = m.sent.chunk_ids.last()
+                {
                     let high = self.sent_high.entry(m.sent.stream_id).or_default();
                     *high = (*high).max(*last);
                 }

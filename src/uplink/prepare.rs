@@ -1,13 +1,16 @@
 //! Reading and encoding the next messages, on the blocking pool: up to `count` batches from
-//! the spool after the epoch's cursors, each encoded as JSON (or a reply), within the in-flight
-//! byte budget, held back while a batch that is not full lingers.
+//! the spool in drain order (lanes, live-first) after the epoch's [`DrainState`], each encoded
+//! in its stream's wire format (or as a reply), within the in-flight byte budget and the
+//! wire byte budget, held back while a batch that is not full lingers.
 
 use super::Sent;
 use super::options::Topics;
 use super::payload::{self, Origin};
+use crate::config::StreamSettings;
 use crate::record::{COMMANDS_STREAM, now_ms};
-use crate::spool::Spool;
+use crate::spool::{DrainState, Lane, Pick, Spool};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// One message ready to publish.
 pub(super) struct Prepared {
@@ -18,11 +21,16 @@ pub(super) struct Prepared {
     pub(super) resent: u64,
     /// Larger than the packet limit: cannot be sent.
     pub(super) oversize: bool,
+    /// The MQTT PUBLISH packet's size, what the byte budget counts.
+    pub(super) wire_bytes: u64,
+    pub(super) pick: Pick,
 }
 
 pub(super) struct PrepareOutcome {
     pub(super) messages: Vec<Prepared>,
-    pub(super) cursors: HashMap<u32, u64>,
+    pub(super) drain: DrainState,
+    /// A normal or bulk message did not fit in the wire budget: its packet size.
+    pub(super) over_budget: Option<u64>,
     /// When the batch held back by `linger` is due (ms since the epoch).
     pub(super) linger_due_ms: Option<u64>,
     /// The spool had nothing more to send.
@@ -32,7 +40,10 @@ pub(super) struct PrepareOutcome {
 /// Reads and encodes up to `count` messages; runs on the blocking pool.
 pub(super) struct PrepareJob {
     pub(super) spool: Spool,
-    pub(super) cursors: HashMap<u32, u64>,
+    pub(super) drain: DrainState,
+    pub(super) streams: Arc<StreamSettings>,
+    /// Wire bytes the normal and bulk lanes may still use (`None`: no budget).
+    pub(super) wire_left: Option<u64>,
     pub(super) limits: crate::config::BatchLimits,
     pub(super) max_packet_bytes: usize,
     pub(super) topics: Topics,
@@ -52,6 +63,7 @@ impl PrepareJob {
         let mut linger_due_ms = None;
         let mut exhausted = false;
         let mut budget = self.byte_budget;
+        let mut over_budget = None;
         while messages.len() < self.count {
             // A small budget also makes small messages, so a ping never waits long behind one.
             let max_bytes = match budget {
@@ -59,7 +71,14 @@ impl PrepareJob {
                 Some(b) => self.limits.max_bytes.min(b.max(1024)),
                 None => self.limits.max_bytes,
             };
-            let Some(batch) = self.spool.next_batch(&self.cursors, &self.limits)? else {
+            let high_only = self.wire_left == Some(0);
+            let Some(batch) = self.spool.drain_batch(
+                &self.drain,
+                &self.limits,
+                &self.streams.drain,
+                high_only,
+            )?
+            else {
                 exhausted = true;
                 break;
             };
@@ -79,16 +98,32 @@ impl PrepareJob {
                     1,
                 )
             } else {
-                let (p, used) =
-                    payload::encode(&self.origin, &batch.stream, &batch.chunks, max_bytes);
+                let format = self.streams.format(&batch.stream);
+                let (p, used) = crate::wire::encode(
+                    format,
+                    &self.origin,
+                    &batch.stream,
+                    &batch.chunks,
+                    max_bytes,
+                );
                 (self.topics.data(&batch.stream), p, used)
             };
+            let wire_bytes = crate::wire::publish_packet_bytes(topic.len(), payload.len()) as u64;
+            if let Some(left) = self.wire_left.as_mut() {
+                if batch.lane != Lane::High && wire_bytes > *left {
+                    // Not sent, not advanced: it goes when the next period starts.
+                    over_budget = Some(wire_bytes);
+                    *left = 0;
+                    continue;
+                }
+                *left = left.saturating_sub(wire_bytes);
+            }
             let chunks = &batch.chunks[..used];
             let last = chunks
                 .last()
                 .expect("encode uses at least one chunk")
                 .chunk_id;
-            self.cursors.insert(batch.stream_id, last);
+            self.drain.advance(&batch, last);
             let sent = Sent {
                 stream_id: batch.stream_id,
                 chunk_ids: chunks.iter().map(|c| c.chunk_id).collect(),
@@ -112,11 +147,14 @@ impl PrepareJob {
                 sent,
                 resent,
                 oversize,
+                wire_bytes,
+                pick: batch.pick,
             });
         }
         Ok(PrepareOutcome {
             messages,
-            cursors: self.cursors,
+            drain: self.drain,
+            over_budget,
             linger_due_ms,
             exhausted,
         })
