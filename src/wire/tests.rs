@@ -255,7 +255,7 @@ fn columnar_keeps_the_chunks_that_fit_and_always_one() {
     };
     let (all, _) = encode(format, &origin(), "s", &chunks, 1 << 20);
     let (payload, used) = encode(format, &origin(), "s", &chunks, all.len() / 2);
-    assert!(used >= 1 && used < 10, "used {used}");
+    assert!((1..10).contains(&used), "used {used}");
     assert!(payload.len() <= all.len() / 2);
     let (_, one) = encode(format, &origin(), "s", &chunks, 10);
     assert_eq!(one, 1);
