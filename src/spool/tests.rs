@@ -434,3 +434,136 @@ fn unsynced_records_are_flagged_then_corrected_after_sync() {
     let reopened = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
     assert_eq!(reopened.stats().bytes, stored);
 }
+
+/// Drains in drain order, one commit per reading so each chunk is one record; returns the
+/// (stream, first seq) of every batch.
+fn drain_ordered(spool: &Spool, rules: &DrainRules, limits: &BatchLimits) -> Vec<(String, u64)> {
+    let mut state = DrainState::default();
+    let mut out = Vec::new();
+    while let Some(b) = spool.drain_batch(&state, limits, rules, false).unwrap() {
+        let last = b.chunks.last().unwrap().chunk_id;
+        out.push((b.stream.clone(), b.chunks[0].records[0].seq));
+        state.advance(&b, last);
+    }
+    out
+}
+
+fn commit_each(spool: &Spool, stream: &str, range: std::ops::Range<u64>) {
+    for i in intakes(stream, range) {
+        spool.commit(&[i]).unwrap();
+    }
+}
+
+const ONE: BatchLimits = BatchLimits {
+    max_records: 1,
+    max_bytes: usize::MAX,
+    linger: Duration::ZERO,
+};
+
+#[test]
+fn high_lane_first_then_normal_and_bulk_by_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    // Oldest first on disk: bulk, then normal, then the alarm stream.
+    commit_each(&spool, "bulk", 0..20);
+    commit_each(&spool, "normal", 0..20);
+    commit_each(&spool, "alarm", 0..3);
+    let mut rules = DrainRules {
+        weights: LaneWeights { normal: 3, bulk: 1 },
+        ..Default::default()
+    };
+    for (name, lane) in [("alarm", Lane::High), ("bulk", Lane::Bulk)] {
+        rules.streams.insert(
+            name.into(),
+            StreamDrain {
+                lane,
+                live_first: false,
+            },
+        );
+    }
+    let order = drain_ordered(&spool, &rules, &ONE);
+    let streams: Vec<&str> = order.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(&streams[..3], ["alarm"; 3], "high lane first: {streams:?}");
+    // While both wait: 3 normal for every bulk.
+    let first_16 = &streams[3..19];
+    assert_eq!(first_16.iter().filter(|s| **s == "bulk").count(), 4);
+    assert_eq!(first_16.iter().filter(|s| **s == "normal").count(), 12);
+    // Each stream's own order stays oldest first.
+    for name in ["normal", "bulk"] {
+        let seqs: Vec<u64> = order
+            .iter()
+            .filter(|(s, _)| s == name)
+            .map(|(_, q)| *q)
+            .collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "{name}");
+    }
+}
+
+#[test]
+fn high_only_returns_nothing_but_the_high_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    commit_each(&spool, "normal", 0..5);
+    let rules = DrainRules::default();
+    let state = DrainState::default();
+    assert!(
+        spool
+            .drain_batch(&state, &ONE, &rules, true)
+            .unwrap()
+            .is_none()
+    );
+    commit_each(&spool, LOSS_STREAM, 0..1);
+    let b = spool
+        .drain_batch(&state, &ONE, &rules, true)
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.stream, LOSS_STREAM);
+}
+
+#[test]
+fn live_first_sends_the_newest_then_fresh_data_ahead_of_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&settings(dir.path(), 1 << 30, FullPolicy::DropOldest)).unwrap();
+    commit_each(&spool, "live", 0..10);
+    let mut rules = DrainRules::default();
+    rules.streams.insert(
+        "live".into(),
+        StreamDrain {
+            lane: Lane::Normal,
+            live_first: true,
+        },
+    );
+    let two = BatchLimits {
+        max_records: 2,
+        ..ONE
+    };
+    let mut state = DrainState::default();
+    let next = |state: &mut DrainState| {
+        let b = spool.drain_batch(state, &two, &rules, false).unwrap()?;
+        state.advance(&b, b.chunks.last().unwrap().chunk_id);
+        Some(
+            b.chunks
+                .iter()
+                .flat_map(|c| c.records.iter().map(|r| r.seq))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(next(&mut state), Some(vec![9, 10]), "newest batch first");
+    assert_eq!(
+        next(&mut state),
+        Some(vec![1, 2]),
+        "then the backlog, oldest first"
+    );
+    // New data arrives mid-backlog: it goes ahead of the rest of the backlog.
+    commit_each(&spool, "live", 10..11);
+    assert_eq!(next(&mut state), Some(vec![11]));
+    let mut rest = Vec::new();
+    while let Some(seqs) = next(&mut state) {
+        rest.extend(seqs);
+    }
+    assert_eq!(
+        rest,
+        (3..=8).collect::<Vec<_>>(),
+        "every record exactly once"
+    );
+}

@@ -223,6 +223,12 @@ pub struct AgentConfig {
     pub auth: Option<AuthConfig>,
     /// Items of the `collectors` list as YAML mappings, one string each (multi-line).
     pub collectors: Vec<String>,
+    /// `uplink.batch.max_records`.
+    pub batch_max_records: u64,
+    /// More keys of the `uplink` mapping, as YAML lines without indentation.
+    pub uplink_extra: Vec<String>,
+    /// More top-level YAML (e.g. a `streams:` mapping), appended as it is.
+    pub extra: String,
 }
 
 pub const SYSTEM_COLLECTOR: &str = "type: system\nname: system\ninterval_ms: 200";
@@ -245,6 +251,9 @@ impl AgentConfig {
             tls: None,
             auth: None,
             collectors: vec![SYSTEM_COLLECTOR.to_owned()],
+            batch_max_records: 500,
+            uplink_extra: Vec::new(),
+            extra: String::new(),
         }
     }
 
@@ -279,7 +288,7 @@ uplink:
   max_packet_bytes: 262144
   window: 4
   batch:
-    max_records: 500
+    max_records: {batch_max_records}
     max_bytes: 65536
     linger_ms: {linger_ms}
   backoff:
@@ -296,11 +305,15 @@ uplink:
             client_id = quote(&format!("ferry-{}", self.device_id)),
             keepalive_s = self.keepalive_s,
             linger_ms = self.linger_ms,
+            batch_max_records = self.batch_max_records,
             backoff_initial_ms = self.backoff_initial_ms,
             backoff_max_ms = self.backoff_max_ms,
         );
         if let Some(rate) = self.min_link_bytes_per_s {
             y += &format!("  min_link_bytes_per_s: {rate}\n");
+        }
+        for line in &self.uplink_extra {
+            y += &format!("  {line}\n");
         }
         if let Some(tls) = &self.tls {
             y += "  tls:\n";
@@ -329,6 +342,7 @@ uplink:
                 }
             }
         }
+        y += &self.extra;
         y
     }
 }

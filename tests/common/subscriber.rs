@@ -8,6 +8,7 @@
 //! ferry's messages (see the design notes):
 //! - data on `<prefix>/<device>/data/<stream>`:
 //!   `{"v":1,"device":..,"boot":..,"stream":..,"records":[{"seq":1,"ts":..,"fields":{..}}, ..]}`
+//!   (binary wire formats, docs/WIRE.md, are decoded with `ferry::wire::decode` into this shape)
 //! - status, retained, on `<prefix>/<device>/status`: `{"state":"online"|"offline", ..}`
 //!
 //! Duplicates are allowed by ferry's contract (same stream + seq), loss is not: tests check
@@ -332,7 +333,7 @@ async fn run(mut eventloop: EventLoop, client: AsyncClient, filter: String, shar
             }),
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let message = Message {
-                    json: serde_json::from_slice(&p.payload).ok(),
+                    json: parse_payload(&p.topic, &p.payload),
                     topic: p.topic,
                     payload: p.payload.to_vec(),
                     retain: p.retain,
@@ -375,6 +376,24 @@ fn data_messages<'a>(
                 });
             (m.topic.as_str(), records)
         })
+}
+
+/// A data message in any of ferry's wire formats as the JSON message (`{"v":1,..,"records"}`)
+/// it stands for; any other payload parsed as JSON.
+fn parse_payload(topic: &str, payload: &[u8]) -> Option<Value> {
+    if topic.contains("/data/")
+        && let Ok(m) = ferry::wire::decode(payload)
+    {
+        let records: Vec<Value> = m
+            .records
+            .iter()
+            .map(|r| serde_json::from_str(&ferry::wire::json_line(&m, r)).expect("a JSON line"))
+            .collect();
+        return Some(serde_json::json!({
+            "v": 1, "device": m.device, "boot": m.boot, "stream": m.stream, "records": records,
+        }));
+    }
+    serde_json::from_slice(payload).ok()
 }
 
 fn seq_of(topic: &str, record: &Value) -> u64 {

@@ -1,0 +1,185 @@
+//! The byte budget with an injectable clock: the real spool and uplink (in process, so the
+//! test controls the clock) against a real Mosquitto. A tiny daily budget is held to within
+//! one message, counted at the subscriber as MQTT packet bytes; the high lane still flows when
+//! it is spent; normal traffic resumes when the UTC day rolls over.
+
+mod common;
+
+use common::broker::{Broker, BrokerOpts};
+use common::subscriber::{Subscriber, assert_contiguous};
+use ferry::clock::ManualClock;
+use ferry::record::{Reading, Value};
+use ferry::spool::{Intake, Spool};
+use ferry::uplink::Uplink;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+const DAILY: u64 = 6000;
+/// 2026-11-25T12:00:00Z.
+const NOON_MS: u64 = 1_795_608_000_000;
+const DAY_MS: u64 = 86_400_000;
+
+fn commit(spool: &Spool, stream: &str, count: u64, ts_ms: u64) {
+    let intakes: Vec<Intake> = (0..count)
+        .map(|i| {
+            Intake::reading(Reading {
+                stream: stream.into(),
+                ts_ms: ts_ms + i,
+                body: ferry::record::Body::Fields(vec![
+                    ("value".into(), Value::F64(20.0 + i as f64 / 8.0)),
+                    ("i".into(), Value::U64(i)),
+                ]),
+            })
+        })
+        .collect();
+    spool.commit(&intakes).unwrap();
+}
+
+/// MQTT packet bytes of the data messages of `stream` received so far.
+fn wire_bytes(sub: &Subscriber, stream: &str) -> (u64, u64) {
+    let msgs: Vec<_> = sub
+        .messages()
+        .into_iter()
+        .filter(|m| m.topic.ends_with(&format!("/data/{stream}")))
+        .collect();
+    let total = msgs
+        .iter()
+        .map(|m| ferry::wire::publish_packet_bytes(m.topic.len(), m.payload.len()) as u64)
+        .sum();
+    let largest = msgs
+        .iter()
+        .map(|m| ferry::wire::publish_packet_bytes(m.topic.len(), m.payload.len()) as u64)
+        .max()
+        .unwrap_or(0);
+    (total, largest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_daily_budget_holds_lets_the_high_lane_through_and_rolls_over() {
+    let broker = Broker::start(BrokerOpts {
+        secure: None,
+        persistence: false,
+    });
+    let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.yaml");
+    let yaml = format!(
+        "\
+device_id: budget-gw
+spool:
+  dir: {spool}
+uplink:
+  host: 127.0.0.1
+  port: {port}
+  keepalive_s: 5
+  batch:
+    max_records: 10
+    linger_ms: 0
+  backoff:
+    initial_ms: 100
+    max_ms: 500
+  budget:
+    daily_bytes: {DAILY}
+streams:
+  alarm:
+    lane: high
+collectors: []
+",
+        spool = dir.path().join("spool").display(),
+        port = broker.agent_port(),
+    );
+    std::fs::write(&path, &yaml).unwrap();
+    let config = ferry::config::load(&path).unwrap();
+    let spool = Spool::open(&config.spool).unwrap();
+    let clock = ManualClock::new(NOON_MS, 1_000, true);
+    spool.set_clock(clock.clone());
+
+    // Far more than a day's budget: ~300 records of ~60 bytes of JSON each.
+    commit(&spool, "telemetry", 300, NOON_MS);
+
+    let stop = CancellationToken::new();
+    let (_settings, settings_rx) = tokio::sync::watch::channel(config.uplink.clone());
+    let uplink = Uplink::new(settings_rx, spool.clone(), "b1".into(), stop.clone())
+        .with_clock(clock.clone());
+    let stats = uplink.stats();
+    let task = tokio::spawn(uplink.run());
+
+    // The budget runs out: delivery stops with records still in the spool.
+    assert!(
+        tokio::time::timeout(WAIT, async {
+            while !stats.budget.spent.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok(),
+        "the budget was never spent; delivered {:?}",
+        sub.unique_seqs("telemetry").len()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (used, largest) = wire_bytes(&sub, "telemetry");
+    let delivered_day1 = sub.unique_seqs("telemetry").len() as u64;
+    assert!(
+        used <= DAILY,
+        "normal traffic went past the budget: {used} > {DAILY}"
+    );
+    assert!(
+        used + largest > DAILY,
+        "more than a message of budget was left unused: {used} of {DAILY}, messages up to {largest}"
+    );
+    assert!(
+        delivered_day1 > 0 && delivered_day1 < 300,
+        "{delivered_day1}"
+    );
+    assert_eq!(
+        stats.budget.day_used.load(Ordering::Relaxed),
+        used,
+        "ferry counts what the subscriber sees"
+    );
+
+    // Spent: the high lane still flows, normal does not.
+    commit(&spool, "alarm", 3, NOON_MS + 60_000);
+    assert!(
+        sub.wait_for_seqs("alarm", 1, 3, WAIT).await,
+        "alarms held back by a spent budget"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sub.unique_seqs("telemetry").len() as u64,
+        delivered_day1,
+        "normal traffic flowed on a spent budget"
+    );
+
+    // Next UTC day: normal traffic resumes, within the new day's budget again.
+    clock.advance(DAY_MS);
+    assert!(
+        sub.wait_until(WAIT, |s| s.unique_seqs("telemetry").len() as u64
+            > delivered_day1)
+            .await,
+        "normal traffic did not resume after the rollover"
+    );
+    assert!(
+        tokio::time::timeout(WAIT, async {
+            while !stats.budget.spent.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok(),
+        "day 2 should spend its budget too"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (used_total, _) = wire_bytes(&sub, "telemetry");
+    assert!(
+        used_total - used <= DAILY,
+        "day 2 went past the budget: {}",
+        used_total - used
+    );
+    let seqs = sub.unique_seqs("telemetry");
+    assert_contiguous(&seqs, 1, *seqs.last().unwrap());
+
+    stop.cancel();
+    task.await.unwrap();
+}
