@@ -19,6 +19,7 @@
 //!   it already sampled.
 
 pub mod common;
+pub mod deadband;
 pub mod file;
 pub mod lines;
 pub mod parse;
