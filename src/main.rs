@@ -287,13 +287,17 @@ fn render_status(s: &serde_json::Value) -> String {
             age
         );
     }
-    out += &format!("\n{:<20} {:>8} {:>9}\n", "COLLECTOR", "TYPE", "RESTARTS");
+    out += &format!(
+        "\n{:<20} {:>8} {:>9} {:>11}\n",
+        "COLLECTOR", "TYPE", "RESTARTS", "SUPPRESSED"
+    );
     for col in s["collectors"].as_array().into_iter().flatten() {
         out += &format!(
-            "{:<20} {:>8} {:>9}\n",
+            "{:<20} {:>8} {:>9} {:>11}\n",
             col["name"].as_str().unwrap_or("?"),
             col["kind"].as_str().unwrap_or("?"),
-            col["restarts"]
+            col["restarts"],
+            col["suppressed"]
         );
     }
     out

@@ -17,8 +17,12 @@
 //!   `send` (back-pressure) instead of growing memory.
 //! - A collector stops promptly when the shutdown token is cancelled, after handing over what
 //!   it already sampled.
+//! - A collector with a `deadband` has its own readings filtered in [`CollectorContext::send`],
+//!   before they reach the spool; the filter's state is kept by the supervisor across restarts
+//!   and across reloads that leave the `deadband` config unchanged.
 
 pub mod common;
+pub mod deadband;
 pub mod file;
 pub mod lines;
 pub mod parse;
@@ -50,6 +54,9 @@ pub trait Collector: Send {
     fn run(self: Box<Self>, ctx: CollectorContext) -> RunFuture;
 }
 
+/// A collector's deadband filter, shared by its runs (see [`deadband`]).
+pub type SharedDeadband = std::sync::Arc<std::sync::Mutex<deadband::Deadband>>;
+
 /// Everything a collector may use.
 #[derive(Clone)]
 pub struct CollectorContext {
@@ -60,6 +67,8 @@ pub struct CollectorContext {
     pub positions: Positions,
     /// Notified when an operator asks for a sample now; periodic collectors take one.
     pub sample_now: std::sync::Arc<tokio::sync::Notify>,
+    /// Applied by [`CollectorContext::send`] to the readings of this collector's own stream.
+    pub deadband: Option<SharedDeadband>,
 }
 
 impl CollectorContext {
@@ -73,13 +82,42 @@ impl CollectorContext {
             shutdown: CancellationToken::new(),
             positions: Positions::in_memory(),
             sample_now: Default::default(),
+            deadband: None,
         };
         (ctx, rx)
     }
 
     /// Hands one intake to the spool, waiting while the channel is full. Returns
     /// `SpoolClosed` if the spool writer is gone.
-    pub async fn send(&self, intake: Intake) -> Result<(), CollectorError> {
+    ///
+    /// With a deadband, readings of the collector's own stream are filtered first (loss
+    /// reports and other streams pass untouched). An intake left with no reading is not sent
+    /// at all, unless it carries a checkpoint or waits for a receipt: a file position still
+    /// advances past lines whose values were all suppressed.
+    pub async fn send(&self, mut intake: Intake) -> Result<(), CollectorError> {
+        if let Some(filter) = &self.deadband
+            && !intake.readings.is_empty()
+        {
+            {
+                let mut filter = filter.lock().unwrap_or_else(|p| p.into_inner());
+                intake.readings = std::mem::take(&mut intake.readings)
+                    .into_iter()
+                    .filter_map(|r| {
+                        if r.stream == self.name {
+                            filter.apply(r)
+                        } else {
+                            Some(r)
+                        }
+                    })
+                    .collect();
+            }
+            if intake.readings.is_empty()
+                && intake.checkpoint.is_none()
+                && intake.committed.is_none()
+            {
+                return Ok(());
+            }
+        }
         self.intake
             .send(intake)
             .await
@@ -145,6 +183,8 @@ pub trait CollectorSpec {
     /// Checks beyond types (ranges, paths); paths in issues are relative to the item.
     fn validate(&self) -> Vec<Issue>;
     fn build(&self) -> Box<dyn Collector>;
+    /// The `deadband` key; every kind that can produce fields has one.
+    fn deadband(&self) -> Option<&deadband::DeadbandConfig>;
     /// Changes the sampling interval, for collectors that have one; false otherwise.
     fn set_interval_ms(&mut self, _interval_ms: u64) -> bool {
         false
@@ -216,8 +256,17 @@ impl CollectorConfig {
         self.spec().enabled()
     }
 
+    /// The kind's own checks, then the keys every kind shares (`deadband`).
     pub fn validate(&self) -> Vec<Issue> {
-        self.spec().validate()
+        let mut issues = self.spec().validate();
+        if let Some(d) = self.deadband() {
+            issues.extend(d.validate());
+        }
+        issues
+    }
+
+    pub fn deadband(&self) -> Option<&deadband::DeadbandConfig> {
+        self.spec().deadband()
     }
 
     pub fn build(&self) -> Box<dyn Collector> {
@@ -236,4 +285,106 @@ fn parse_item<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Resul
         let path = if path == "." { String::new() } else { path };
         vec![Issue::new(path, e.into_inner().to_string())]
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Body, LOSS_STREAM, Reading, Value};
+    use crate::spool::Checkpoint;
+
+    fn reading(stream: &str, v: i64) -> Reading {
+        Reading::fields(stream, vec![("v".into(), Value::I64(v))])
+    }
+
+    fn values(intake: &Intake) -> Vec<(String, Option<i64>)> {
+        intake
+            .readings
+            .iter()
+            .map(|r| {
+                let v = match &r.body {
+                    Body::Fields(f) => f.iter().find_map(|(n, v)| match (n.as_str(), v) {
+                        ("v", Value::I64(i)) => Some(*i),
+                        _ => None,
+                    }),
+                    Body::Line(_) => None,
+                };
+                (r.stream.clone(), v)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn send_filters_only_the_collectors_own_stream_and_keeps_positions_moving() {
+        let (mut ctx, mut rx) = CollectorContext::new_test("temps");
+        let config: deadband::DeadbandConfig =
+            serde_yaml::from_str("default: 5\nheartbeat: 100\n").unwrap();
+        ctx.deadband = Some(std::sync::Arc::new(std::sync::Mutex::new(
+            deadband::Deadband::new(&config),
+        )));
+        let loss = crate::collectors::common::loss_reading(
+            "temps",
+            common::LossReason::Malformed,
+            1,
+            b"x",
+        );
+        ctx.send(Intake {
+            readings: vec![reading("temps", 0), reading("temps", 1), loss.clone()],
+            ..Intake::default()
+        })
+        .await
+        .unwrap();
+        let got = rx.recv().await.unwrap();
+        assert_eq!(
+            values(&got),
+            [("temps".into(), Some(0)), (LOSS_STREAM.into(), None)]
+        );
+        // Everything suppressed and nothing else to carry: nothing is sent.
+        ctx.send(Intake::reading(reading("temps", 2)))
+            .await
+            .unwrap();
+        // Everything suppressed but a position to commit: sent without readings.
+        let checkpoint = Checkpoint {
+            source: "temps".into(),
+            position: vec![7],
+        };
+        ctx.send(Intake {
+            readings: vec![reading("temps", 3)],
+            checkpoint: Some(checkpoint.clone()),
+            ..Intake::default()
+        })
+        .await
+        .unwrap();
+        let got = rx.recv().await.unwrap();
+        assert!(got.readings.is_empty());
+        assert_eq!(got.checkpoint, Some(checkpoint));
+        ctx.send(Intake::reading(reading("temps", 6)))
+            .await
+            .unwrap();
+        assert_eq!(
+            values(&rx.recv().await.unwrap()),
+            [("temps".into(), Some(6))]
+        );
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn deadband_issues_are_reported_for_every_kind() {
+        for kind in [
+            "type: system\nname: s\n",
+            "type: serial\nname: s\npath: /dev/ttyUSB0\n",
+            "type: file\nname: s\npath: /var/log/a.log\n",
+            "type: file\nname: s\nmode: poll\npaths: [/sys/x]\n",
+        ] {
+            let yaml = format!("{kind}deadband: {{default: -1, heartbeat: 0}}\n");
+            let c = CollectorConfig::from_yaml(serde_yaml::from_str(&yaml).unwrap()).unwrap();
+            let paths: Vec<String> = c.validate().into_iter().map(|i| i.path).collect();
+            assert_eq!(paths, ["deadband.default", "deadband.heartbeat"], "{kind}");
+            let unknown = format!("{kind}deadband: {{heartbeat: 1, treshold: 2}}\n");
+            let err =
+                CollectorConfig::from_yaml(serde_yaml::from_str(&unknown).unwrap()).unwrap_err();
+            assert_eq!(err[0].path, "deadband.treshold", "{kind}");
+            assert!(err[0].message.contains("treshold"), "{:?}", err[0]);
+        }
+    }
 }

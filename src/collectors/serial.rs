@@ -88,6 +88,9 @@ pub struct SerialConfig {
     pub max_line_bytes: u64,
     #[serde(default)]
     pub format: FormatConfig,
+    /// Report-on-change thresholds and heartbeat (see [`super::deadband`]).
+    #[serde(default)]
+    pub deadband: Option<super::deadband::DeadbandConfig>,
 }
 
 /// The delimiter byte of a valid config value.
@@ -170,6 +173,10 @@ impl CollectorSpec for SerialConfig {
         Box::new(SerialCollector {
             config: self.clone(),
         })
+    }
+
+    fn deadband(&self) -> Option<&super::deadband::DeadbandConfig> {
+        self.deadband.as_ref()
     }
 }
 

@@ -8,8 +8,15 @@
 //! changed is stopped and started again with the new one, a removed one is stopped, a new one
 //! started. Each collector has its own shutdown token (a child of the agent's), so stopping one
 //! does not disturb the others.
+//!
+//! A collector's [deadband](super::deadband) filter lives here, not in a run: a restarted run,
+//! or a collector restarted by a reload (or `set_interval`) whose `deadband` config is
+//! unchanged, goes on from the same baselines, heartbeat count and suppressed count. A changed
+//! `deadband` config starts a fresh filter (its first reading is a heartbeat); a removed
+//! collector's filter is dropped.
 
-use super::{CollectorConfig, CollectorContext, Positions};
+use super::deadband::{Deadband, DeadbandConfig};
+use super::{CollectorConfig, CollectorContext, Positions, SharedDeadband};
 use crate::backoff::Backoff;
 use crate::spool::Intake;
 use std::collections::BTreeMap;
@@ -39,6 +46,12 @@ struct Running {
     stats: Arc<CollectorStats>,
 }
 
+/// A collector's deadband filter with the config it was made from.
+struct Filter {
+    config: DeadbandConfig,
+    state: SharedDeadband,
+}
+
 /// The running collectors.
 pub struct Supervisor {
     intake: mpsc::Sender<Intake>,
@@ -46,6 +59,8 @@ pub struct Supervisor {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     running: BTreeMap<String, Running>,
+    /// Deadband filters by collector name; outlive the runs (see the module doc).
+    filters: BTreeMap<String, Filter>,
 }
 
 /// A collector's state for status reports.
@@ -54,6 +69,8 @@ pub struct CollectorState {
     pub name: String,
     pub kind: &'static str,
     pub restarts: u64,
+    /// Field values its deadband left out (0 without a deadband).
+    pub suppressed: u64,
 }
 
 impl Supervisor {
@@ -68,6 +85,7 @@ impl Supervisor {
             shutdown,
             tracker: TaskTracker::new(),
             running: BTreeMap::new(),
+            filters: BTreeMap::new(),
         }
     }
 
@@ -90,6 +108,7 @@ impl Supervisor {
                 }
                 None => {
                     stopped.extend(self.stop(&name));
+                    self.filters.remove(&name);
                     changes.push(format!("collector {name} stopped"));
                 }
             }
@@ -119,6 +138,7 @@ impl Supervisor {
             shutdown: stop.clone(),
             positions: self.positions.clone(),
             sample_now: sample_now.clone(),
+            deadband: self.filter_for(&config),
         };
         let task = self
             .tracker
@@ -133,6 +153,29 @@ impl Supervisor {
                 stats,
             },
         );
+    }
+
+    /// The collector's deadband filter: the one it had if its deadband config is unchanged.
+    fn filter_for(&mut self, config: &CollectorConfig) -> Option<SharedDeadband> {
+        let name = config.name();
+        let Some(wanted) = config.deadband() else {
+            self.filters.remove(name);
+            return None;
+        };
+        let fresh = || Filter {
+            config: wanted.clone(),
+            state: Arc::new(std::sync::Mutex::new(Deadband::new(wanted))),
+        };
+        let filter = self
+            .filters
+            .entry(name.to_string())
+            .and_modify(|f| {
+                if f.config != *wanted {
+                    *f = fresh();
+                }
+            })
+            .or_insert_with(fresh);
+        Some(filter.state.clone())
     }
 
     /// Cancels a collector; the returned task ends once it has handed over what it had.
@@ -177,6 +220,12 @@ impl Supervisor {
                 name: name.clone(),
                 kind: r.config.kind(),
                 restarts: r.stats.restarts.load(Ordering::Relaxed),
+                suppressed: self.filters.get(name).map_or(0, |f| {
+                    f.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .suppressed()
+                }),
             })
             .collect()
     }
@@ -263,6 +312,46 @@ mod tests {
 
     fn restarts(s: &Supervisor) -> u64 {
         s.states()[0].restarts
+    }
+
+    fn with_deadband(interval: &str, deadband: &str) -> CollectorConfig {
+        let yaml = format!(
+            "type: file\nname: temps\nmode: poll\npaths: [/nonexistent/t]\ninterval_ms: {interval}\ndeadband: {deadband}\n"
+        );
+        CollectorConfig::from_yaml(serde_yaml::from_str(&yaml).unwrap()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadband_survives_a_reload_that_leaves_it_unchanged() {
+        let (tx, _rx) = mpsc::channel(8);
+        let mut sup = Supervisor::new(tx, Positions::in_memory(), CancellationToken::new());
+        let filter = |s: &Supervisor| s.filters["temps"].state.clone();
+        sup.apply(&[with_deadband("1000", "{default: 1, heartbeat: 5}")])
+            .await;
+        let first = filter(&sup);
+        // A reload that changes another key restarts the collector with the same filter.
+        let changes = sup
+            .apply(&[with_deadband("2000", "{default: 1, heartbeat: 5}")])
+            .await;
+        assert_eq!(changes, ["collector temps restarted with its new config"]);
+        assert!(Arc::ptr_eq(&first, &filter(&sup)));
+        sup.set_interval("temps", 3000).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &filter(&sup)));
+        // A changed deadband starts afresh; no deadband, or no collector, keeps no filter.
+        sup.apply(&[with_deadband("3000", "{default: 2, heartbeat: 5}")])
+            .await;
+        assert!(!Arc::ptr_eq(&first, &filter(&sup)));
+        let plain = CollectorConfig::from_yaml(
+            serde_yaml::from_str("type: file\nname: temps\nmode: poll\npaths: [/nonexistent/t]\n")
+                .unwrap(),
+        )
+        .unwrap();
+        sup.apply(&[plain]).await;
+        assert!(sup.filters.is_empty());
+        sup.apply(&[with_deadband("1000", "{heartbeat: 5}")]).await;
+        sup.apply(&[]).await;
+        assert!(sup.filters.is_empty());
+        assert!(sup.stop_all(Duration::from_secs(5)).await);
     }
 
     #[tokio::test(start_paused = true)]

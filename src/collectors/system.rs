@@ -65,6 +65,9 @@ pub struct SystemConfig {
     pub temperatures: bool,
     #[serde(default = "yes")]
     pub uptime: bool,
+    /// Report-on-change thresholds and heartbeat (see [`super::deadband`]).
+    #[serde(default)]
+    pub deadband: Option<super::deadband::DeadbandConfig>,
 }
 
 impl CollectorSpec for SystemConfig {
@@ -94,6 +97,10 @@ impl CollectorSpec for SystemConfig {
         Box::new(SystemCollector {
             config: self.clone(),
         })
+    }
+
+    fn deadband(&self) -> Option<&super::deadband::DeadbandConfig> {
+        self.deadband.as_ref()
     }
 
     fn set_interval_ms(&mut self, interval_ms: u64) -> bool {

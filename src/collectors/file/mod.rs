@@ -82,6 +82,11 @@ pub struct FileConfig {
     /// Each value is multiplied by this (e.g. 0.001 for millidegrees).
     #[serde(default)]
     pub scale: Option<f64>,
+
+    // both
+    /// Report-on-change thresholds and heartbeat (see [`deadband`](crate::collectors::deadband)).
+    #[serde(default)]
+    pub deadband: Option<crate::collectors::deadband::DeadbandConfig>,
 }
 
 impl FileConfig {
@@ -239,6 +244,10 @@ impl CollectorSpec for FileConfig {
         Box::new(FileCollector {
             config: self.clone(),
         })
+    }
+
+    fn deadband(&self) -> Option<&crate::collectors::deadband::DeadbandConfig> {
+        self.deadband.as_ref()
     }
 }
 
