@@ -630,7 +630,15 @@ fn validate_uplink(c: &mut Checker, u: &RawUplink, base: &Path, device_id: &str)
 const MIN_BUDGET_BYTES: u64 = 4096;
 
 fn budget(c: &mut Checker, path: &str, value: Option<u64>) -> Option<u64> {
-    value.map(|v| c.range(path, v, MIN_BUDGET_BYTES, u64::MAX))
+    value.map(|v| {
+        if v < MIN_BUDGET_BYTES {
+            c.fail(
+                path,
+                format!("must be at least {MIN_BUDGET_BYTES} bytes, got {v}"),
+            );
+        }
+        v.max(MIN_BUDGET_BYTES)
+    })
 }
 
 fn compression(c: &mut Checker, path: &str, kind: RawCompression, level: i64) -> Compression {
