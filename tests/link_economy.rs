@@ -326,3 +326,54 @@ async fn after_an_outage_the_high_lane_drains_first_and_bulk_still_progresses() 
         assert_contiguous(&seqs, 1, *seqs.last().unwrap());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_self_metrics_show_the_budget_use() {
+    let broker = Broker::start(BrokerOpts {
+        secure: None,
+        persistence: false,
+    });
+    let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = AgentConfig::new(dir.path(), broker.agent_port());
+    cfg.uplink_extra = vec!["budget:".into(), "  daily_bytes: 1000000".into()];
+    cfg.extra = "self_metrics_interval_ms: 1000\n".into();
+    let mut agent = Agent::spawn(dir.path(), &cfg.render());
+    assert!(
+        sub.wait_until(WAIT, |s| s.records("ferry.self").len() >= 2)
+            .await,
+        "no ferry.self records:\n{}",
+        agent.log()
+    );
+    let out = Command::new(common::agent::ferry_bin())
+        .args(["status", "--json", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let budget = &status["budget"];
+    assert_eq!(budget["daily_limit"], 1_000_000, "{status}");
+    assert!(budget["daily_used"].as_u64().unwrap() > 0, "{status}");
+    assert_eq!(budget["monthly_limit"], Value::Null);
+    assert_eq!(budget["spent"], false);
+
+    let out = Command::new(common::agent::ferry_bin())
+        .args(["status", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("budget: today ") && text.contains(" of 1000000 bytes"),
+        "{text}"
+    );
+
+    // The same figures reach the broker on ferry.self (a later one has counted earlier sends).
+    let last = sub.records("ferry.self").last().cloned().unwrap();
+    assert!(
+        last["fields"]["budget.daily_used"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    assert_eq!(last["fields"]["budget.daily_limit"], 1_000_000);
+    assert!(agent.terminate().success());
+}
