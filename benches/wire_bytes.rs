@@ -205,16 +205,25 @@ fn main() {
         );
         per_point
     };
-    row("seed style: one JSON message per sample", (seed_bytes, seed_msgs));
+    row(
+        "seed style: one JSON message per sample",
+        (seed_bytes, seed_msgs),
+    );
     let mut best = f64::MAX;
     for batch in [5usize, 60, 300] {
         println!("-- batches of {batch} samples (linger {batch} s at 1 Hz)");
-        row(&format!("ferry json, batch {batch}"), wire_cost(&records, batch, json));
+        row(
+            &format!("ferry json, batch {batch}"),
+            wire_cost(&records, batch, json),
+        );
         row(
             &format!("ferry json+zstd3, batch {batch}"),
             wire_cost(&records, batch, json_zstd),
         );
-        row(&format!("ferry cbor, batch {batch}"), wire_cost(&records, batch, cbor));
+        row(
+            &format!("ferry cbor, batch {batch}"),
+            wire_cost(&records, batch, cbor),
+        );
         for level in [3, 19] {
             let b = row(
                 &format!("ferry cbor+zstd{level}, batch {batch}"),

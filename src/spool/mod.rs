@@ -22,9 +22,9 @@
 //!
 //! **Read.** [`Spool::drain_batch`] hands out accepted chunks of one stream in the order of
 //! [`drain`] (lanes, weights, live-first) after the [`DrainState`] the uplink keeps per
-//! connection epoch. Chunks written but not yet
-//! flushed are never handed out: a record is never sent before it is durable, so a crash can
-//! never make a delivered seq be reused for other data.
+//! connection epoch. Chunks written but not yet flushed are never handed out: a record is
+//! never sent before it is durable, so a crash can never make a delivered seq be reused for
+//! other data.
 //!
 //! **Ack.** [`Spool::ack`] deletes chunks once the broker's PUBACK for the message carrying
 //! them arrived. Deletion is lazy (not flushed): if a crash loses it, the chunk is sent again

@@ -62,11 +62,11 @@ impl PrepareJob {
         let mut messages = Vec::new();
         let mut linger_due_ms = None;
         let mut exhausted = false;
-        let mut budget = self.byte_budget;
+        let mut inflight_left = self.byte_budget;
         let mut over_budget = None;
         while messages.len() < self.count {
             // A small budget also makes small messages, so a ping never waits long behind one.
-            let max_bytes = match budget {
+            let max_bytes = match inflight_left {
                 Some(b) if b < 1024 && !(messages.is_empty() && self.must_send_one) => break,
                 Some(b) => self.limits.max_bytes.min(b.max(1024)),
                 None => self.limits.max_bytes,
@@ -138,7 +138,7 @@ impl PrepareJob {
                 .filter(|c| high.is_some_and(|h| c.chunk_id <= h))
                 .map(|c| c.records.len() as u64)
                 .sum();
-            if let Some(b) = budget.as_mut() {
+            if let Some(b) = inflight_left.as_mut() {
                 *b = b.saturating_sub(payload.len());
             }
             messages.push(Prepared {
