@@ -56,12 +56,20 @@ fn wire_bytes(sub: &Subscriber, stream: &str) -> (u64, u64) {
     (total, largest)
 }
 
+/// Waits until the uplink reports its budget spent; false after [`WAIT`].
+async fn spent(stats: &ferry::uplink::UplinkStats) -> bool {
+    tokio::time::timeout(WAIT, async {
+        while !stats.budget.spent.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_daily_budget_holds_lets_the_high_lane_through_and_rolls_over() {
-    let broker = Broker::start(BrokerOpts {
-        secure: None,
-        persistence: false,
-    });
+    let broker = Broker::start(BrokerOpts::default());
     let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ferry.yaml");
@@ -108,13 +116,7 @@ collectors: []
 
     // The budget runs out: delivery stops with records still in the spool.
     assert!(
-        tokio::time::timeout(WAIT, async {
-            while !stats.budget.spent.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .is_ok(),
+        spent(&stats).await,
         "the budget was never spent; delivered {:?}",
         sub.unique_seqs("telemetry").len()
     );
@@ -160,16 +162,7 @@ collectors: []
             .await,
         "normal traffic did not resume after the rollover"
     );
-    assert!(
-        tokio::time::timeout(WAIT, async {
-            while !stats.budget.spent.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .is_ok(),
-        "day 2 should spend its budget too"
-    );
+    assert!(spent(&stats).await, "day 2 should spend its budget too");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (used_total, _) = wire_bytes(&sub, "telemetry");
     assert!(

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::agent::{Agent, AgentConfig, ferry_bin};
+use common::agent::{Agent, AgentConfig};
+use common::append_lines;
 use common::broker::{Broker, BrokerOpts};
 use common::subscriber::Subscriber;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,17 +24,6 @@ fn collector(log: &Path, poll_interval_ms: u64) -> String {
     )
 }
 
-fn append(path: &Path, lines: &[&str]) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    for l in lines {
-        writeln!(f, "{l}").unwrap();
-    }
-}
-
 /// The delivered records of `tank` by seq (duplicates collapse), as `seq -> fields`.
 fn delivered(sub: &Subscriber) -> BTreeMap<u64, Value> {
     sub.records("tank")
@@ -43,19 +32,8 @@ fn delivered(sub: &Subscriber) -> BTreeMap<u64, Value> {
         .collect()
 }
 
-async fn suppressed(config: &Path) -> u64 {
-    let config = config.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(ferry_bin())
-            .args(["status", "--json", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+async fn suppressed(agent: &Agent) -> u64 {
+    let s = agent.status_json().await;
     s["collectors"]
         .as_array()
         .unwrap()
@@ -68,14 +46,11 @@ async fn suppressed(config: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suppressed_values_are_absent_until_they_move_or_a_heartbeat_comes() {
-    let broker = Broker::start(BrokerOpts {
-        secure: None,
-        persistence: false,
-    });
+    let broker = Broker::start(BrokerOpts::default());
     let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("tank.log");
-    append(
+    append_lines(
         &log,
         &[
             "temp=20.0 hum=50", // 1: heartbeat, all fields
@@ -103,7 +78,7 @@ async fn suppressed_values_are_absent_until_they_move_or_a_heartbeat_comes() {
     ]
     .into();
     assert_eq!(delivered(&sub), want);
-    assert_eq!(suppressed(agent.config_path()).await, 6);
+    assert_eq!(suppressed(&agent).await, 6);
 
     // Reload with another poll interval: the collector restarts, the deadband (unchanged)
     // goes on counting towards the next heartbeat (reading 9) from the same baselines.
@@ -117,7 +92,7 @@ async fn suppressed_values_are_absent_until_they_move_or_a_heartbeat_comes() {
         "log:\n{}",
         agent.log()
     );
-    append(
+    append_lines(
         &log,
         &[
             "temp=21.8 hum=61", // 7: no record (a fresh filter would send both)
@@ -134,7 +109,7 @@ async fn suppressed_values_are_absent_until_they_move_or_a_heartbeat_comes() {
     want.insert(5, json!({"temp": 23.0}));
     want.insert(6, json!({"temp": 23.1, "hum": 61}));
     assert_eq!(delivered(&sub), want);
-    assert_eq!(suppressed(agent.config_path()).await, 9);
+    assert_eq!(suppressed(&agent).await, 9);
     // Suppression is not loss: nothing about tank on ferry.loss.
     assert!(
         !sub.records("ferry.loss")

@@ -6,11 +6,11 @@
 mod common;
 
 use common::agent::{Agent, AgentConfig};
+use common::append_lines;
 use common::broker::{Broker, BrokerOpts};
 use common::subscriber::{Subscriber, assert_contiguous};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -25,17 +25,6 @@ fn tail_collector(name: &str, path: &Path, format: &str) -> String {
         "type: file\nname: {name}\npath: {}\nstart_at: beginning\npoll_interval_ms: 50\nformat:\n  type: {format}",
         path.display()
     )
-}
-
-fn append(path: &Path, lines: &[String]) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    for l in lines {
-        writeln!(f, "{l}").unwrap();
-    }
 }
 
 /// kv lines whose values a test can recompute: `n=<i> x=<i/4> name=s<i> ok=<even>`.
@@ -74,10 +63,7 @@ fn by_key(lines: &str) -> BTreeMap<(String, u64), Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_format_decodes_with_ferry_decode_and_the_python_consumer() {
-    let broker = Broker::start(BrokerOpts {
-        secure: None,
-        persistence: false,
-    });
+    let broker = Broker::start(BrokerOpts::default());
     let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
     let dir = tempfile::tempdir().unwrap();
 
@@ -135,7 +121,7 @@ async fn every_format_decodes_with_ferry_decode_and_the_python_consumer() {
         } else {
             kv_lines(PER_STREAM)
         };
-        append(&dir.path().join(format!("{name}.log")), &lines);
+        append_lines(&dir.path().join(format!("{name}.log")), &lines);
     }
     let mut agent = Agent::spawn(dir.path(), &cfg.render());
 
@@ -261,30 +247,26 @@ async fn after_an_outage_the_high_lane_drains_first_and_bulk_still_progresses() 
     // The backlog: bulk oldest, then normal, then the alarms last.
     for name in ["bulk", "normal", "alarm"] {
         let count = if name == "alarm" { 30 } else { 200 };
-        append(&dir.path().join(format!("{name}.log")), &kv_lines(count));
+        append_lines(&dir.path().join(format!("{name}.log")), &kv_lines(count));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // All of it committed while the broker is down.
-    let status = || {
-        let out = Command::new(common::agent::ferry_bin())
-            .args(["status", "--json", "--config"])
-            .arg(agent.config_path())
-            .output()
-            .unwrap();
-        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
-    };
     let deadline = tokio::time::Instant::now() + WAIT;
-    while status()["spool"]["streams"].as_array().map_or(0, |s| {
-        s.iter()
+    loop {
+        let status = agent.status_json().await;
+        let stored: u64 = status["spool"]["streams"]
+            .as_array()
+            .into_iter()
+            .flatten()
             .filter(|st| ["alarm", "normal", "bulk"].contains(&st["name"].as_str().unwrap_or("")))
             .map(|st| st["records"].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    }) < 430
-    {
+            .sum();
+        if stored == 430 {
+            break;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "backlog not committed: {}\n{}",
-            status(),
+            "backlog not committed: {status}\n{}",
             agent.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -329,10 +311,7 @@ async fn after_an_outage_the_high_lane_drains_first_and_bulk_still_progresses() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_self_metrics_show_the_budget_use() {
-    let broker = Broker::start(BrokerOpts {
-        secure: None,
-        persistence: false,
-    });
+    let broker = Broker::start(BrokerOpts::default());
     let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = AgentConfig::new(dir.path(), broker.agent_port());
@@ -345,12 +324,7 @@ async fn status_and_self_metrics_show_the_budget_use() {
         "no ferry.self records:\n{}",
         agent.log()
     );
-    let out = Command::new(common::agent::ferry_bin())
-        .args(["status", "--json", "--config"])
-        .arg(agent.config_path())
-        .output()
-        .unwrap();
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = agent.status_json().await;
     let budget = &status["budget"];
     assert_eq!(budget["daily_limit"], 1_000_000, "{status}");
     assert!(budget["daily_used"].as_u64().unwrap() > 0, "{status}");

@@ -92,6 +92,23 @@ impl Agent {
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", ferry_bin()))
     }
 
+    /// `ferry status --json` against this agent, on the blocking pool; panics unless it
+    /// answers.
+    pub async fn status_json(&self) -> serde_json::Value {
+        let config = self.config_path().to_path_buf();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(ferry_bin())
+                .args(["status", "--json", "--config"])
+                .arg(&config)
+                .output()
+                .expect("ferry status runs")
+        })
+        .await
+        .expect("the status command's task");
+        assert!(out.status.success(), "ferry status failed: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("ferry status --json prints JSON")
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }

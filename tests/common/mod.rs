@@ -78,6 +78,19 @@ pub fn kill_and_reap(child: &mut Child) -> ExitStatus {
     child.wait().expect("wait for a killed child process")
 }
 
+/// Appends `lines` to `path` (created when missing), each with a newline: a log that grows.
+pub fn append_lines<S: AsRef<str>>(path: &std::path::Path, lines: &[S]) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    for l in lines {
+        writeln!(f, "{}", l.as_ref()).expect("append a line");
+    }
+}
+
 /// Reads a log file written by a child process; missing or unreadable gives a placeholder.
 pub fn read_log(path: &std::path::Path) -> String {
     match std::fs::read(path) {
