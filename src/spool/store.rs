@@ -733,18 +733,21 @@ impl Spool {
             limits,
             &DrainRules::default(),
             false,
+            &[],
         )
     }
 
     /// The next batch to send in the order of [`super::drain`]: lane first, then the stream
     /// whose pending data is oldest; `high_only` when only the high lane may flow (byte
-    /// budget spent). The caller records what it sent with [`DrainState::advance`].
+    /// budget spent); streams in `skip` (e.g. lingering) are passed over. The caller records
+    /// what it sent with [`DrainState::advance`].
     pub fn drain_batch(
         &self,
         state: &DrainState,
         limits: &BatchLimits,
         rules: &DrainRules,
         high_only: bool,
+        skip: &[u32],
     ) -> Result<Option<Batch>, SpoolError> {
         let readable = self.inner.readable_below.load(Ordering::Acquire);
         if readable == 0 {
@@ -775,7 +778,7 @@ impl Spool {
         let mut candidates = Vec::new();
         for (sid, name) in self.streams_with_data() {
             let rule = rules.of(&name);
-            if high_only && rule.lane != Lane::High {
+            if (high_only && rule.lane != Lane::High) || skip.contains(&sid) {
                 continue;
             }
             let c = state.cursor(sid);

@@ -440,7 +440,10 @@ fn unsynced_records_are_flagged_then_corrected_after_sync() {
 fn drain_ordered(spool: &Spool, rules: &DrainRules, limits: &BatchLimits) -> Vec<(String, u64)> {
     let mut state = DrainState::default();
     let mut out = Vec::new();
-    while let Some(b) = spool.drain_batch(&state, limits, rules, false).unwrap() {
+    while let Some(b) = spool
+        .drain_batch(&state, limits, rules, false, &[])
+        .unwrap()
+    {
         let last = b.chunks.last().unwrap().chunk_id;
         out.push((b.stream.clone(), b.chunks[0].records[0].seq));
         state.advance(&b, last);
@@ -508,13 +511,13 @@ fn high_only_returns_nothing_but_the_high_lane() {
     let state = DrainState::default();
     assert!(
         spool
-            .drain_batch(&state, &ONE, &rules, true)
+            .drain_batch(&state, &ONE, &rules, true, &[])
             .unwrap()
             .is_none()
     );
     commit_each(&spool, LOSS_STREAM, 0..1);
     let b = spool
-        .drain_batch(&state, &ONE, &rules, true)
+        .drain_batch(&state, &ONE, &rules, true, &[])
         .unwrap()
         .unwrap();
     assert_eq!(b.stream, LOSS_STREAM);
@@ -539,7 +542,9 @@ fn live_first_sends_the_newest_then_fresh_data_ahead_of_the_backlog() {
     };
     let mut state = DrainState::default();
     let next = |state: &mut DrainState| {
-        let b = spool.drain_batch(state, &two, &rules, false).unwrap()?;
+        let b = spool
+            .drain_batch(state, &two, &rules, false, &[])
+            .unwrap()?;
         state.advance(&b, b.chunks.last().unwrap().chunk_id);
         Some(
             b.chunks

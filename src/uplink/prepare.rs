@@ -64,6 +64,7 @@ impl PrepareJob {
         let mut exhausted = false;
         let mut inflight_left = self.byte_budget;
         let mut over_budget = None;
+        let mut lingering: Vec<u32> = Vec::new();
         while messages.len() < self.count {
             // A small budget also makes small messages, so a ping never waits long behind one.
             let max_bytes = match inflight_left {
@@ -77,17 +78,21 @@ impl PrepareJob {
                 &self.limits,
                 &self.streams.drain,
                 high_only,
+                &lingering,
             )?
             else {
-                exhausted = true;
+                // Nothing more, or only lingering batches (then not exhausted: they are due).
+                exhausted = lingering.is_empty();
                 break;
             };
             let is_reply = batch.stream == COMMANDS_STREAM;
             if !batch.full && !is_reply && !self.ignore_linger && !self.limits.linger.is_zero() {
                 let due = batch.chunks[0].committed_ms + self.limits.linger.as_millis() as u64;
                 if now_ms() < due {
-                    linger_due_ms = Some(due);
-                    break;
+                    // Wait for more of this stream, but let the other streams go meanwhile.
+                    linger_due_ms = Some(linger_due_ms.map_or(due, |d: u64| d.min(due)));
+                    lingering.push(batch.stream_id);
+                    continue;
                 }
             }
             let (topic, payload, used) = if is_reply {
@@ -158,5 +163,79 @@ impl PrepareJob {
             linger_due_ms,
             exhausted,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
+    use crate::record::{Reading, Value};
+    use crate::spool::{DrainRules, Intake, StreamDrain};
+    use std::time::Duration;
+
+    fn commit(spool: &Spool, stream: &str, n: u64) {
+        for i in 0..n {
+            let r = Reading::fields(stream, vec![("i".into(), Value::U64(i))]);
+            spool.commit(&[Intake::reading(r)]).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_lingering_stream_does_not_hold_back_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&SpoolSettings {
+            dir: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+            full_policy: FullPolicy::DropOldest,
+            flush_interval: Duration::from_millis(10),
+            flush_max_records: 1000,
+            cache_bytes: 1 << 20,
+            min_free_bytes: 0,
+            chunk_max_records: 2,
+            chunk_max_bytes: 4096,
+        })
+        .unwrap();
+        // A bulk backlog (full batches) and one fresh normal record, which lingers.
+        commit(&spool, "backlog", 6);
+        commit(&spool, "fresh", 1);
+        let mut streams = StreamSettings {
+            drain: DrainRules::default(),
+            ..Default::default()
+        };
+        streams.drain.streams.insert(
+            "backlog".into(),
+            StreamDrain {
+                lane: Lane::Bulk,
+                live_first: false,
+            },
+        );
+        let job = PrepareJob {
+            spool,
+            drain: DrainState::default(),
+            streams: Arc::new(streams),
+            wire_left: None,
+            limits: BatchLimits {
+                max_records: 2,
+                max_bytes: 1 << 20,
+                linger: Duration::from_secs(60),
+            },
+            max_packet_bytes: 1 << 20,
+            topics: Topics::new("ferry", "gw"),
+            origin: Origin {
+                device: "gw".into(),
+                boot: "b".into(),
+            },
+            ignore_linger: false,
+            count: 3,
+            sent_high: HashMap::new(),
+            byte_budget: None,
+            must_send_one: true,
+        };
+        let out = job.run().unwrap();
+        let topics: Vec<&str> = out.messages.iter().map(|m| m.topic.as_str()).collect();
+        assert_eq!(topics, ["ferry/gw/data/backlog"; 3]);
+        assert!(out.linger_due_ms.is_some(), "the fresh batch is due later");
+        assert!(!out.exhausted);
     }
 }
