@@ -55,6 +55,9 @@ enum Mode {
 }
 
 struct Churn {
+    /// Records held by the spool's counters, and found by scanning the tree.
+    records: u64,
+    scanned: u64,
     churned: u64,
     elapsed: Duration,
     live: u64,
@@ -113,8 +116,15 @@ fn churn(cap: u64, times: u64, mode: Mode) -> Churn {
         "same contents after reopening"
     );
     let (reopened_apparent, reopened_allocated) = (dir_bytes(&s.dir), dir_allocated_bytes(&s.dir));
+    // The records really in the tree, by a scan: a deletion that only updated the counters
+    // would show up here, not in the counters.
+    let scanned = reopened
+        .for_each_record(STREAM, |_| true)
+        .expect("scan the spool");
     drop(reopened);
     Churn {
+        records: stats.stream(STREAM).map_or(0, |st| st.records),
+        scanned,
         churned,
         elapsed,
         live: stats.bytes,
@@ -172,6 +182,12 @@ fn main() {
     for &cap in &caps {
         for mode in [Mode::Evict, Mode::Ack] {
             let c = churn(cap, times, mode);
+            if c.scanned != c.records {
+                println!(
+                    "!! the counters say {} records are stored, a scan of the tree found {}",
+                    c.records, c.scanned
+                );
+            }
             let end = c.end_apparent.max(c.end_allocated) as f64;
             let high = c.high_apparent.max(c.high_allocated) as f64;
             worst = worst.max(high / cap as f64);
