@@ -12,16 +12,19 @@
 //! the phases: "Spool opened." (sled recovery plus ferry's counters), "Connected to the
 //! broker.", "Collectors running." (ferry tells systemd READY right after it).
 //!
-//! The page cache is warm (the spool was just written) unless `FERRY_BENCH_DROP_CACHES=1`, which
-//! runs `sync` and writes 3 to `/proc/sys/vm/drop_caches` before every run (root only; it
-//! affects every process on the machine).
+//! Each repetition runs both spools twice: with a warm page cache (the spool's files were just
+//! written or read) and cold, after the spool's own files were evicted from the page cache
+//! (`posix_fadvise(DONTNEED)` on each file: a boot after a power cut reads the spool from the
+//! disk; nothing else on the machine is affected). `fincore` checks how much stayed cached.
+//! A third start, "crash", is cold too but follows a ferry that was SIGKILLed one second after
+//! its first message (mid-drain, deletions not flushed), so sled has to recover its log.
 //!
 //! Target: READY ("Collectors running.") well within the unit's `TimeoutStartSec=5min`, or
 //! systemd kills ferry at boot with a big spool.
 //!
-//! Run: `cargo build --release && cargo bench --bench first_publish`. Knobs: `FERRY_BIN`,
-//! `FERRY_BENCH_SPOOL_BYTES`, `FERRY_BENCH_REPS` (default 3), `FERRY_BENCH_DROP_CACHES`,
-//! `FERRY_BENCH_DIR` (needs room for about twice `FERRY_BENCH_SPOOL_BYTES`).
+//! Run: `cargo build --release && cargo bench --bench first_publish` (~1.5 min). Knobs:
+//! `FERRY_BIN`, `FERRY_BENCH_SPOOL_BYTES`, `FERRY_BENCH_REPS` (default 3), `FERRY_BENCH_DIR`
+//! (needs room for about 1.5x `FERRY_BENCH_SPOOL_BYTES`).
 
 mod common;
 
@@ -43,6 +46,13 @@ const FIRST_TIMEOUT: Duration = Duration::from_secs(600);
 /// `TimeoutStartSec` in systemd/ferry.service.
 const SYSTEMD_START_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// One figure of a run, in seconds.
+type Metric = dyn Fn(&Start) -> f64;
+
+fn opt(d: Option<Duration>) -> f64 {
+    d.map_or(f64::NAN, |d| d.as_secs_f64())
+}
+
 struct Start {
     first: Duration,
     opened: Option<Duration>,
@@ -51,6 +61,8 @@ struct Start {
     hwm_kb: Option<u64>,
     first_bytes: usize,
     records_before: u64,
+    /// Cold runs: bytes of the spool's files still in the page cache after the eviction.
+    cached: Option<u64>,
 }
 
 fn config_at(dir: &Path, port: u16, max_bytes: u64) -> (PathBuf, Config) {
@@ -65,23 +77,111 @@ fn config_at(dir: &Path, port: u16, max_bytes: u64) -> (PathBuf, Config) {
     (path, config)
 }
 
-fn drop_caches() {
-    let _ = std::process::Command::new("sync").status();
-    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3\n") {
-        eprintln!("cannot drop the page cache: {e}");
+/// The files under `dir`.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(files(&e.path())),
+            Ok(_) => out.push(e.path()),
+            Err(_) => {}
+        }
+    }
+    out
+}
+
+/// Evicts the (clean) pages of every file under `dir` from the page cache; returns the bytes
+/// `fincore` still finds cached afterwards (`None` without `fincore`).
+fn evict_from_page_cache(dir: &Path) -> Option<u64> {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    use std::os::fd::AsRawFd;
+    let files = files(dir);
+    for f in &files {
+        if let Ok(file) = std::fs::File::open(f) {
+            let _ = file.sync_all();
+            if let Err(e) = posix_fadvise(
+                file.as_raw_fd(),
+                0,
+                0,
+                PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            ) {
+                eprintln!("cannot evict {} from the page cache: {e}", f.display());
+            }
+        }
+    }
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .args(&files)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Warm,
+    Cold,
+    /// Cold, after a ferry was SIGKILLed while draining.
+    Crash,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Warm => "warm",
+            Mode::Cold => "cold",
+            Mode::Crash => "crash",
+        }
     }
 }
 
-fn run(bin: &Path, cfg: &Path, config: &Config, port: u16, cold: bool) -> Start {
-    let records_before = Spool::open(&config.spool)
-        .expect("open the spool")
-        .stats()
-        .records;
+/// Puts a record back into a spool a previous run emptied (the small one); returns how many
+/// records the spool holds.
+fn ensure_data(config: &Config) -> u64 {
+    let spool = Spool::open(&config.spool).expect("open the spool");
+    if spool.stats().records == 0 {
+        prefill(&spool, STREAM, 0, 1, 1);
+    }
+    spool.stats().records
+}
+
+/// Starts ferry, waits for its first message and one more second of draining, SIGKILLs it.
+fn crash(bin: &Path, cfg: &Path, config: &Config, port: u16) {
+    let topics = Topics::new(&config.uplink.topic_prefix, &config.device_id);
+    let sub = FirstMessage::start(port, &topics.data(STREAM), FIRST_TIMEOUT);
+    let ferry = Ferry::spawn(bin, cfg);
+    if let Err(e) = sub.wait() {
+        panic!(
+            "no first message before the crash: {e}\n{}",
+            ferry.log_text()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    drop(ferry); // SIGKILL
+}
+
+fn run(bin: &Path, cfg: &Path, config: &Config, port: u16, mode: Mode) -> Start {
+    if mode == Mode::Crash {
+        ensure_data(config);
+        // sled releases its lock when its flusher thread ends (up to a second after the drop).
+        std::thread::sleep(Duration::from_millis(1500));
+        crash(bin, cfg, config, port);
+    }
+    let cold = mode != Mode::Warm;
+    let records_before = ensure_data(config);
     // sled releases its lock when its flusher thread ends (up to a second after the drop).
     std::thread::sleep(Duration::from_millis(1500));
-    if cold {
-        drop_caches();
-    }
+    let cached = if cold {
+        evict_from_page_cache(&config.spool.dir)
+    } else {
+        None
+    };
     let topics = Topics::new(&config.uplink.topic_prefix, &config.device_id);
     let sub = FirstMessage::start(port, &topics.data(STREAM), FIRST_TIMEOUT);
     let mut ferry = Ferry::spawn(bin, cfg);
@@ -99,6 +199,7 @@ fn run(bin: &Path, cfg: &Path, config: &Config, port: u16, cold: bool) -> Start 
         hwm_kb,
         first_bytes,
         records_before,
+        cached,
     };
     ferry.guard.terminate(Duration::from_secs(60));
     let problems = ferry.problems();
@@ -114,7 +215,7 @@ fn secs(d: Option<Duration>) -> String {
 
 fn print_run(side: &str, rep: usize, s: &Start) {
     println!(
-        "{side:<6} {rep:>3} {:>10} {:>7} {:>7} {:>7} {:>8.3} {:>7} {:>7}",
+        "{side:<11} {rep:>3} {:>10} {:>7} {:>7} {:>7} {:>8.3} {:>7} {:>7} {:>9}",
         s.records_before,
         secs(s.opened),
         secs(s.connected),
@@ -122,6 +223,7 @@ fn print_run(side: &str, rep: usize, s: &Start) {
         s.first.as_secs_f64(),
         s.first_bytes,
         kb_as_mib(s.hwm_kb),
+        s.cached.map_or("-".into(), mb),
     );
 }
 
@@ -131,7 +233,6 @@ fn main() {
     }
     let target: u64 = env_or("FERRY_BENCH_SPOOL_BYTES", 1 << 30);
     let reps: usize = env_or("FERRY_BENCH_REPS", 3);
-    let cold = env_or("FERRY_BENCH_DROP_CACHES", 0u8) == 1;
     let bin = ferry_bin();
     let broker = Mosquitto::start();
     // Room above the target so a commit never evicts.
@@ -169,60 +270,71 @@ fn main() {
     );
     println!(
         "ferry: {}; big spool: {records} records, {} MB stored (spool accounting), {} MB on disk \
-         ({} MB allocated), filled in {:.0} s ({:.0} records/s); page cache {}",
+         ({} MB allocated), filled in {:.0} s ({:.0} records/s)",
         bin.display(),
         mb(stored),
         mb(apparent),
         mb(allocated),
         fill_time.as_secs_f64(),
         records as f64 / fill_time.as_secs_f64(),
-        if cold {
-            "dropped before every run"
-        } else {
-            "warm"
-        }
     );
     println!();
     println!(
-        "{:<6} {:>3} {:>10} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7}",
-        "spool", "rep", "records", "open s", "conn s", "ready s", "first s", "1st B", "HWM MiB"
+        "{:<11} {:>3} {:>10} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>9}",
+        "spool",
+        "rep",
+        "records",
+        "open s",
+        "conn s",
+        "ready s",
+        "first s",
+        "1st B",
+        "HWM MiB",
+        "cached MB"
     );
-    let (mut b, mut s) = (Vec::new(), Vec::new());
+    // [warm, cold, crash] x [big, small]
+    let modes = [Mode::Warm, Mode::Cold, Mode::Crash];
+    let mut runs: [[Vec<Start>; 2]; 3] = Default::default();
     for rep in 1..=reps {
-        for side in 0..2 {
-            if (side == 0) == (rep % 2 == 1) {
-                let r = run(&bin, &big_cfg, &big, broker.port, cold);
-                print_run("big", rep, &r);
-                b.push(r);
-            } else {
-                let r = run(&bin, &small_cfg, &small, broker.port, cold);
-                print_run("small", rep, &r);
-                s.push(r);
+        for (c, mode) in modes.into_iter().enumerate() {
+            for side in 0..2 {
+                let big_side = (side == 0) == (rep % 2 == 1);
+                let (name, cfg, config) = if big_side {
+                    ("big", &big_cfg, &big)
+                } else {
+                    ("small", &small_cfg, &small)
+                };
+                let r = run(&bin, cfg, config, broker.port, mode);
+                let label = format!("{name} {}", mode.name());
+                print_run(&label, rep, &r);
+                runs[c][usize::from(!big_side)].push(r);
             }
         }
     }
     let med = |v: &[Start], f: &dyn Fn(&Start) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
-    let opt = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
-    let (bf, sf) = (
-        med(&b, &|r| r.first.as_secs_f64()),
-        med(&s, &|r| r.first.as_secs_f64()),
-    );
-    let (bo, so) = (med(&b, &|r| opt(r.opened)), med(&s, &|r| opt(r.opened)));
-    let (br, sr) = (med(&b, &|r| opt(r.ready)), med(&s, &|r| opt(r.ready)));
-    let worst_ready = b.iter().map(|r| opt(r.ready)).fold(0.0, f64::max);
     println!();
-    println!("median of {reps}               big      small   big/small");
+    println!("median of {reps}                     big      small   big/small");
+    let mut worst_ready: f64 = 0.0;
+    for (c, mode) in modes.into_iter().enumerate() {
+        let cache = mode.name();
+        let [b, s] = &runs[c];
+        worst_ready = b.iter().map(|r| opt(r.ready)).fold(worst_ready, f64::max);
+        let rows: [(&str, &Metric); 3] = [
+            ("spool opened", &|r| opt(r.opened)),
+            ("READY", &|r| opt(r.ready)),
+            ("first message", &|r| r.first.as_secs_f64()),
+        ];
+        for (what, f) in rows {
+            let (bv, sv) = (med(b, f), med(s, f));
+            println!(
+                "{cache:<5}: exec -> {what:<14} {bv:>8.3}  {sv:>8.3}  {:>9.1}x",
+                bv / sv
+            );
+        }
+    }
     println!(
-        "exec -> first message  {bf:>8.3}  {sf:>8.3}  {:>9.1}x",
-        bf / sf
-    );
-    println!(
-        "exec -> spool opened   {bo:>8.3}  {so:>8.3}  {:>9.1}x",
-        bo / so
-    );
-    println!(
-        "exec -> READY          {br:>8.3}  {sr:>8.3}  {:>9.1}x  (target: well within TimeoutStartSec={} s; worst {worst_ready:.3} s: {})",
-        br / sr,
+        "worst exec -> READY with the big spool: {worst_ready:.3} s (target: under a tenth of \
+         TimeoutStartSec={} s: {})",
         SYSTEMD_START_TIMEOUT.as_secs(),
         verdict(worst_ready < SYSTEMD_START_TIMEOUT.as_secs_f64() / 10.0)
     );
@@ -230,7 +342,8 @@ fn main() {
         "columns: records = records in the spool before the run; open/conn/ready = s from exec to \
          ferry's 'Spool opened.'/'Connected to the broker.'/'Collectors running.' log lines; \
          first = s from exec to the first data message at the subscriber; 1st B = its payload \
-         size; HWM = ferry's VmHWM when it arrived. 'well within' = under a tenth of it."
+         size; HWM = ferry's VmHWM when it arrived; cached = bytes of the spool's files still in \
+         the page cache after the eviction (cold and crash runs, from fincore)"
     );
     drop(broker);
 }
