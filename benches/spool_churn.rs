@@ -5,11 +5,12 @@
 //! a 256 KiB cap; this measures realistic caps.
 //!
 //! Two ways records leave the spool, each on a fresh spool per cap:
-//! - **evict:** the broker is unreachable; commits (1000 sample readings, one sled batch and a
-//!   flush each) go on past the cap and `drop_oldest` evicts in the same batch.
+//! - **evict:** the broker is unreachable; commits (`FERRY_BENCH_GROUP` sample readings, one
+//!   sled batch and a flush each) go on past the cap and `drop_oldest` evicts in the same batch.
 //! - **ack:** a consumer in the same thread reads the oldest batch (`Spool::next_batch`) and
 //!   acknowledges it (`Spool::ack`, as after a PUBACK) whenever the spool holds more than half
-//!   the cap: a link that keeps up, but with a standing backlog.
+//!   the cap (`FERRY_BENCH_ACK_AT`, default 0.5): a link that keeps up, but with a standing
+//!   backlog.
 //!
 //! Sizes: apparent (file lengths) and allocated (`st_blocks`), the high-water mark over the run
 //! (sampled after every commit), at the end after a flush, and again after closing and
@@ -18,7 +19,8 @@
 //!
 //! Run: `cargo bench --bench spool_churn` (~1-2 min). Knobs: `FERRY_BENCH_CAPS_MB` (MiB,
 //! comma-separated, default `16,64`), `FERRY_BENCH_CHURN` (times the cap, default 10),
-//! `FERRY_BENCH_DIR` (must be a real disk).
+//! `FERRY_BENCH_ACK_AT`, `FERRY_BENCH_GROUP` (readings per commit, default 1000, the default
+//! `flush_max_records`), `FERRY_BENCH_DIR` (must be a real disk).
 
 mod common;
 
@@ -31,7 +33,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const STREAM: &str = "sensor";
-const GROUP: u64 = 1000;
 
 /// Spool settings as `config::load` derives them from the defaults, with `max_bytes` = `cap`.
 fn settings(dir: &Path, cap: u64) -> SpoolSettings {
@@ -70,7 +71,7 @@ struct Churn {
     reopened_allocated: u64,
 }
 
-fn churn(cap: u64, times: u64, mode: Mode) -> Churn {
+fn churn(cap: u64, times: u64, mode: Mode, ack_at: f64, group: u64) -> Churn {
     let dir = tempdir("ferry-bench-churn-");
     let s = settings(&dir.path().join("spool"), cap);
     let spool = Spool::open(&s).expect("open the spool");
@@ -84,14 +85,14 @@ fn churn(cap: u64, times: u64, mode: Mode) -> Churn {
     let mut per_group = 0;
     while churned < times * cap {
         let before = spool.stats().bytes;
-        prefill(&spool, STREAM, i, GROUP, GROUP);
+        prefill(&spool, STREAM, i, group, group);
         if per_group == 0 {
             per_group = spool.stats().bytes - before;
         }
-        i += GROUP;
+        i += group;
         churned += per_group;
         if mode == Mode::Ack {
-            while spool.stats().bytes > cap / 2 {
+            while spool.stats().bytes as f64 > cap as f64 * ack_at {
                 let batch = spool
                     .next_batch(&HashMap::new(), &limits)
                     .expect("read the spool")
@@ -153,12 +154,21 @@ fn main() {
         })
         .collect();
     let times: u64 = env_or("FERRY_BENCH_CHURN", 10);
+    let ack_at: f64 = env_or("FERRY_BENCH_ACK_AT", 0.5);
+    let group: u64 = env_or("FERRY_BENCH_GROUP", 1000);
+    assert!(
+        ack_at > 0.0 && ack_at < 1.0,
+        "FERRY_BENCH_ACK_AT is a fraction of the cap"
+    );
 
     println!(
         "spool_churn: sled's files after {times}x spool.max_bytes has passed through the spool"
     );
     println!("{}", machine_header());
-    println!("sample readings ({GROUP} per commit, one batch + flush each); sizes in MB (10^6 B)");
+    println!(
+        "sample readings ({group} per commit, one batch + flush each); ack mode acknowledges \
+         above {ack_at} x the cap; sizes in MB (10^6 B)"
+    );
     println!();
     println!(
         "{:<5} {:>8} {:>9} {:>6} {:>8} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>7} {:>7} {:>8}",
@@ -181,7 +191,7 @@ fn main() {
     let mut worst: f64 = 0.0;
     for &cap in &caps {
         for mode in [Mode::Evict, Mode::Ack] {
-            let c = churn(cap, times, mode);
+            let c = churn(cap, times, mode, ack_at, group);
             if c.scanned != c.records {
                 println!(
                     "!! the counters say {} records are stored, a scan of the tree found {}",
