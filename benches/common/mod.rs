@@ -7,6 +7,8 @@
 // Each benchmark uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod suite;
+
 use ferry::record::{Body, Reading, Value};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Deserialize;
@@ -449,48 +451,67 @@ impl Mosquitto {
         let dir = tempdir("ferry-bench-mosq-");
         let mut last_error = String::new();
         for _ in 0..5 {
-            let port = free_port();
-            let conf = dir.path().join("mosquitto.conf");
-            let log = dir.path().join("mosquitto.log");
-            std::fs::write(
-                &conf,
-                format!(
-                    "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_queued_messages 0\nmax_inflight_messages 0\n\
-                     log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n",
-                    log.display()
-                ),
-            )
-            .expect("cannot write mosquitto.conf");
-            let mut cmd = Command::new("mosquitto");
-            cmd.arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let mut guard = ChildGuard::spawn("mosquitto", &mut cmd)
-                .expect("cannot start mosquitto (apt-get install mosquitto)");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut up = false;
-            while Instant::now() < deadline && !guard.exited() {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    // It accepts for a moment even when it is about to die; check it stays.
-                    std::thread::sleep(Duration::from_millis(50));
-                    up = !guard.exited();
-                    break;
+            match Self::try_start(&dir, free_port()) {
+                Ok((port, guard)) => {
+                    return Mosquitto {
+                        port,
+                        guard,
+                        _dir: dir,
+                    };
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                Err(e) => last_error = e,
             }
-            if up {
-                return Mosquitto {
-                    port,
-                    guard,
-                    _dir: dir,
-                };
-            }
-            last_error = std::fs::read_to_string(&log).unwrap_or_default();
         }
         panic!("mosquitto did not start on a free port: {last_error}");
+    }
+
+    /// Starts one on `port` (e.g. a port an agent has been failing to reach until now).
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempdir("ferry-bench-mosq-");
+        match Self::try_start(&dir, port) {
+            Ok((port, guard)) => Mosquitto {
+                port,
+                guard,
+                _dir: dir,
+            },
+            Err(e) => panic!("mosquitto did not start on port {port}: {e}"),
+        }
+    }
+
+    fn try_start(dir: &tempfile::TempDir, port: u16) -> Result<(u16, ChildGuard), String> {
+        let conf = dir.path().join("mosquitto.conf");
+        let log = dir.path().join("mosquitto.log");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\n\
+                 log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n",
+                log.display()
+            ),
+        )
+        .expect("cannot write mosquitto.conf");
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut guard = ChildGuard::spawn("mosquitto", &mut cmd)
+            .expect("cannot start mosquitto (apt-get install mosquitto)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !guard.exited() {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // It accepts for a moment even when it is about to die; check it stays.
+                std::thread::sleep(Duration::from_millis(50));
+                if !guard.exited() {
+                    return Ok((port, guard));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(std::fs::read_to_string(&log).unwrap_or_default())
     }
 
     pub fn pid(&self) -> u32 {
