@@ -159,11 +159,45 @@ fn with_deadband(records: &[Record], config: &DeadbandConfig) -> Vec<Record> {
         .collect()
 }
 
+/// The records with only the fields whose value changed at least once in the fixture: this
+/// machine has idle interfaces whose counters stay 0 all hour, which compress to nothing and
+/// would flatter every mode.
+fn changing_fields_only(records: &[Record]) -> Vec<Record> {
+    let mut first: BTreeMap<&str, &Value> = BTreeMap::new();
+    let mut changing = std::collections::BTreeSet::new();
+    for r in records {
+        if let Body::Fields(f) = &r.body {
+            for (name, v) in f {
+                if *first.entry(name).or_insert(v) != v {
+                    changing.insert(name.clone());
+                }
+            }
+        }
+    }
+    records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Body::Fields(f) = &mut r.body {
+                f.retain(|(name, _)| changing.contains(name));
+            }
+            r
+        })
+        .collect()
+}
+
 fn main() {
     if common::skip_unless_cargo_bench("wire_bytes") {
         return;
     }
-    let records = load();
+    let all = load();
+    let varying = std::env::var("FERRY_BENCH_CHANGING_ONLY").is_ok_and(|v| v == "1");
+    let records = if varying {
+        println!("only the fields that change during the hour (FERRY_BENCH_CHANGING_ONLY=1)");
+        changing_fields_only(&all)
+    } else {
+        all
+    };
     let n_points = points(&records);
     let span_s = (records.last().unwrap().ts_ms - records[0].ts_ms) / 1000;
     println!(
