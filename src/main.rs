@@ -1,5 +1,5 @@
 //! The `ferry` command: run the agent, validate a config, ask a running agent for its status,
-//! or look into a spool while the agent is stopped.
+//! look into a spool while the agent is stopped, or decode data messages (docs/WIRE.md).
 
 use clap::{Parser, Subcommand};
 use ferry::config::{self, Config, EXIT_CONFIG};
