@@ -32,7 +32,7 @@
 //!
 //! **Full.** The spool is bounded by `max_bytes` of stored keys and values. With
 //! `drop_oldest` (default) a commit that would pass the cap first evicts the oldest chunks of
-//! any stream but `ferry.loss`; with `drop_newest` the new records that do not fit are not
+//! any stream but `ferry.loss`, down to 9/10 of the cap (in steps: see `EVICT_DOWN_TO`); with `drop_newest` the new records that do not fit are not
 //! stored (their seqs are used up). Either way every dropped seq range is counted in the
 //! stream's persisted metadata and reported, in the same commit, as a record on the
 //! `ferry.loss` stream: `{stream, first_seq, last_seq, count, reason}`. Loss records are not

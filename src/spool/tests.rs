@@ -572,3 +572,27 @@ fn live_first_sends_the_newest_then_fresh_data_ahead_of_the_backlog() {
         "every record exactly once"
     );
 }
+
+#[test]
+fn drop_oldest_evicts_down_to_nine_tenths_of_the_cap_then_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 256 << 10;
+    let spool = Spool::open(&settings(dir.path(), cap, FullPolicy::DropOldest)).unwrap();
+    let mut i = 0;
+    let first_eviction = loop {
+        let s = spool.commit(&intakes("a", i..i + 20)).unwrap();
+        i += 20;
+        if s.evicted > 0 {
+            break s;
+        }
+    };
+    let after = spool.stats().bytes;
+    assert!(
+        after <= cap * 9 / 10,
+        "evicted {} records but {after} B of {cap} B are still stored",
+        first_eviction.evicted
+    );
+    // Room was made: the next commits fit without evicting again.
+    let s = spool.commit(&intakes("a", i..i + 20)).unwrap();
+    assert_eq!(s.evicted, 0);
+}
