@@ -21,54 +21,30 @@
 mod common;
 
 use common::{
-    Count, Counter, Ferry, Mosquitto, RssSampler, dir_bytes, env_or, ferry_bin, machine_header,
-    median, proc_cpu, proc_io, proc_status_kb, sample_reading, tempdir,
+    Count, Counter, Ferry, Mosquitto, RssSampler, baseline, complete, dir_bytes, env_or, ferry_bin,
+    machine_header, median, proc_cpu, proc_io, proc_status_kb, suite, tempdir,
 };
 use ferry::config::Config;
-use ferry::spool::{Intake, Spool};
+use ferry::spool::Spool;
 use ferry::uplink::options::{Topics, rumqttc_inflight};
 use ferry::uplink::payload::{self, Origin};
-use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const DEVICE: &str = "bench";
 const STREAM: &str = "sensor";
 /// Longest a single drain may take before the run counts as failed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn write_config(dir: &Path, port: u16) -> PathBuf {
-    let path = dir.join("ferry.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "device_id: {DEVICE}\nlog_level: info\nspool:\n  dir: spool\nuplink:\n  host: 127.0.0.1\n  \
-             port: {port}\n  topic_prefix: ferry\n  batch:\n    linger_ms: 0\ncollectors: []\n"
-        ),
-    )
-    .expect("write the config");
-    path
-}
-
-fn load(path: &Path) -> Config {
-    ferry::config::load(path).unwrap_or_else(|e| panic!("bench config rejected: {e}"))
+    suite::write_config(dir, port, &[], &["batch:", "  linger_ms: 0"], "[]")
 }
 
 /// Commits `n` readings in groups of `flush_max_records`, as the writer would.
 fn prefill(config: &Config, n: u64) {
     let spool = Spool::open(&config.spool).expect("open the spool");
-    let group = config.spool.flush_max_records as u64;
-    let mut i = 0;
-    while i < n {
-        let end = (i + group).min(n);
-        let intakes: Vec<Intake> = (i..end)
-            .map(|j| Intake::reading(sample_reading(STREAM, j)))
-            .collect();
-        spool.commit(&intakes).expect("commit");
-        i = end;
-    }
+    suite::prefill(&spool, STREAM, 0, n, config.spool.flush_max_records as u64);
     assert_eq!(spool.stats().records, n);
 }
 
@@ -160,23 +136,10 @@ impl Drain {
     }
 }
 
-fn complete(count: Result<Count, String>, n: u64, what: &str, log: impl Fn() -> String) -> Count {
-    match count {
-        Ok(c) if c.distinct == n => c,
-        Ok(c) => panic!(
-            "{what}: only {} of {n} records arrived within {DRAIN_TIMEOUT:?} ({} messages)\n{}",
-            c.distinct,
-            c.messages,
-            log()
-        ),
-        Err(e) => panic!("{what}: subscriber failed: {e}\n{}", log()),
-    }
-}
-
 fn run_ferry(bin: &Path, port: u16, n: u64) -> Drain {
     let dir = tempdir("ferry-bench-drain-");
     let cfg_path = write_config(dir.path(), port);
-    let config = load(&cfg_path);
+    let config = suite::load(&cfg_path);
     prefill(&config, n);
     let topics = Topics::new(&config.uplink.topic_prefix, &config.device_id);
     let counter = Counter::start(port, &topics.data("#"), n, DRAIN_TIMEOUT);
@@ -189,7 +152,7 @@ fn run_ferry(bin: &Path, port: u16, n: u64) -> Drain {
     let cpu = proc_cpu(pid);
     let disk_write = proc_io(pid, "write_bytes");
     let sampled_kb = sampler.finish();
-    let count = complete(count, n, "ferry", || ferry.log_text());
+    let count = complete(count, n, "ferry", DRAIN_TIMEOUT, || ferry.log_text());
     let start = ferry.started;
     let since = |t: Option<Instant>| t.map(|t| t - start);
     let spool_opened = since(ferry.logged("Spool opened."));
@@ -222,71 +185,19 @@ fn run_ferry(bin: &Path, port: u16, n: u64) -> Drain {
     }
 }
 
-/// A plain rumqttc publisher with ferry's options and window; returns once every message is
-/// acknowledged and the DISCONNECT is written.
-async fn publish_all(
-    port: u16,
-    topic: String,
-    msgs: Arc<Vec<Vec<u8>>>,
-    config: Arc<Config>,
-) -> Result<(), String> {
-    let s = &config.uplink;
-    let mut o = MqttOptions::new("bench-baseline", "127.0.0.1", port);
-    o.set_keep_alive(s.keepalive);
-    o.set_clean_session(false);
-    o.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
-    o.set_inflight(rumqttc_inflight(s.window));
-    let (client, mut el) = AsyncClient::new(o, s.window + 8);
-    let mut net = NetworkOptions::new();
-    net.set_connection_timeout(s.connect_timeout.as_secs().max(1));
-    el.set_network_options(net);
-    let (mut next, mut unacked, mut acked, mut connected) = (0, 0, 0, false);
-    while acked < msgs.len() {
-        match el.poll().await.map_err(|e| e.to_string())? {
-            Event::Incoming(Packet::ConnAck(_)) => connected = true,
-            Event::Incoming(Packet::PubAck(_)) => {
-                unacked -= 1;
-                acked += 1;
-            }
-            _ => {}
-        }
-        while connected && unacked < s.window && next < msgs.len() {
-            client
-                .try_publish(topic.clone(), QoS::AtLeastOnce, false, msgs[next].clone())
-                .map_err(|e| e.to_string())?;
-            next += 1;
-            unacked += 1;
-        }
-    }
-    client.try_disconnect().map_err(|e| e.to_string())?;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(ev) = el.poll().await {
-            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
-    Ok(())
-}
-
 fn run_baseline(port: u16, n: u64, msgs: &Arc<Vec<Vec<u8>>>, config: &Arc<Config>) -> Drain {
     let topics = Topics::new(&config.uplink.topic_prefix, &config.device_id);
     let counter = Counter::start(port, &topics.data("#"), n, DRAIN_TIMEOUT);
     let (msgs, cfg, topic) = (msgs.clone(), config.clone(), topics.data(STREAM));
     let start = Instant::now();
-    let publisher = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?
-            .block_on(publish_all(port, topic, msgs, cfg))
-    });
+    let publisher = baseline::spawn(port, topic, msgs, cfg, Duration::from_secs(2));
     let count = counter.wait_while(|| !publisher.is_finished());
     let published = publisher
         .join()
         .unwrap_or_else(|_| Err("publisher panicked".into()));
-    let count = complete(count, n, "baseline", || format!("{published:?}"));
+    let count = complete(count, n, "baseline", DRAIN_TIMEOUT, || {
+        format!("{published:?}")
+    });
     published.expect("baseline publisher");
     Drain {
         wall: count.done.expect("complete") - start,
@@ -346,7 +257,7 @@ fn main() {
 
     // The messages ferry will send, for the baseline (and the spool's size for the header).
     let scratch = tempdir("ferry-bench-drain-msgs-");
-    let config = Arc::new(load(&write_config(scratch.path(), broker.port)));
+    let config = Arc::new(suite::load(&write_config(scratch.path(), broker.port)));
     prefill(&config, n);
     let spool_disk = dir_bytes(&config.spool.dir);
     let (msgs, phases) = messages(&config);

@@ -27,14 +27,14 @@ mod proxy;
 
 use common::suite::{load, prefill, verdict, write_config};
 use common::{
-    Count, Counter, Ferry, Mosquitto, env_or, ferry_bin, machine_header, median, tempdir,
+    Count, Counter, Ferry, Mosquitto, baseline, complete, env_or, ferry_bin, machine_header,
+    median, tempdir,
 };
 use ferry::config::Config;
 use ferry::spool::Spool;
-use ferry::uplink::options::{Topics, rumqttc_inflight};
+use ferry::uplink::options::Topics;
 use ferry::uplink::payload::{self, Origin};
 use proxy::{Direction, Proxy};
-use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -100,19 +100,6 @@ impl Drain {
     }
 }
 
-fn complete(count: Result<Count, String>, n: u64, what: &str, log: impl Fn() -> String) -> Count {
-    match count {
-        Ok(c) if c.distinct == n => c,
-        Ok(c) => panic!(
-            "{what}: only {} of {n} records arrived within {DRAIN_TIMEOUT:?} ({} messages)\n{}",
-            c.distinct,
-            c.messages,
-            log()
-        ),
-        Err(e) => panic!("{what}: subscriber failed: {e}\n{}", log()),
-    }
-}
-
 /// Waits until the proxy has no connection left, so the next run has the link to itself.
 fn link_idle(proxy: &Proxy) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -139,7 +126,7 @@ fn run_ferry(bin: &Path, proxy: &Proxy, broker: u16, n: u64) -> Drain {
     );
     let mut ferry = Ferry::spawn(bin, &dir.path().join("ferry.yaml"));
     let count = counter.wait_while(|| !ferry.guard.exited());
-    let count = complete(count, n, "ferry", || ferry.log_text());
+    let count = complete(count, n, "ferry", DRAIN_TIMEOUT, || ferry.log_text());
     let d = Drain {
         wall: count.done.expect("complete") - ferry.started,
         start: ferry.started,
@@ -156,53 +143,6 @@ fn run_ferry(bin: &Path, proxy: &Proxy, broker: u16, n: u64) -> Drain {
     drop(ferry);
     link_idle(proxy);
     d
-}
-
-/// The `drain` bench's baseline publisher: ferry's options and window, no spool.
-async fn publish_all(
-    port: u16,
-    topic: String,
-    msgs: Arc<Vec<Vec<u8>>>,
-    config: Arc<Config>,
-) -> Result<(), String> {
-    let s = &config.uplink;
-    let mut o = MqttOptions::new("bench-baseline", "127.0.0.1", port);
-    o.set_keep_alive(s.keepalive);
-    o.set_clean_session(false);
-    o.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
-    o.set_inflight(rumqttc_inflight(s.window));
-    let (client, mut el) = AsyncClient::new(o, s.window + 8);
-    let mut net = NetworkOptions::new();
-    net.set_connection_timeout(s.connect_timeout.as_secs().max(1));
-    el.set_network_options(net);
-    let (mut next, mut unacked, mut acked, mut connected) = (0, 0, 0, false);
-    while acked < msgs.len() {
-        match el.poll().await.map_err(|e| e.to_string())? {
-            Event::Incoming(Packet::ConnAck(_)) => connected = true,
-            Event::Incoming(Packet::PubAck(_)) => {
-                unacked -= 1;
-                acked += 1;
-            }
-            _ => {}
-        }
-        while connected && unacked < s.window && next < msgs.len() {
-            client
-                .try_publish(topic.clone(), QoS::AtLeastOnce, false, msgs[next].clone())
-                .map_err(|e| e.to_string())?;
-            next += 1;
-            unacked += 1;
-        }
-    }
-    client.try_disconnect().map_err(|e| e.to_string())?;
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Ok(ev) = el.poll().await {
-            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
-    Ok(())
 }
 
 fn run_baseline(
@@ -226,20 +166,16 @@ fn run_baseline(
         proxy.port(),
     );
     let start = Instant::now();
-    let publisher = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?
-            .block_on(publish_all(port, topic, msgs, cfg))
-    });
+    let publisher = baseline::spawn(port, topic, msgs, cfg, Duration::from_secs(10));
     let count = counter.wait_while(|| !publisher.is_finished());
     let wire_up = proxy.bytes(Direction::Up) - up0;
     let wire_down = proxy.bytes(Direction::Down) - down0;
     let published = publisher
         .join()
         .unwrap_or_else(|_| Err("publisher panicked".into()));
-    let count = complete(count, n, "baseline", || format!("{published:?}"));
+    let count = complete(count, n, "baseline", DRAIN_TIMEOUT, || {
+        format!("{published:?}")
+    });
     published.expect("baseline publisher");
     link_idle(proxy);
     Drain {

@@ -7,6 +7,7 @@
 // Each benchmark uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod baseline;
 pub mod suite;
 
 use ferry::record::{Body, Reading, Value};
@@ -542,6 +543,27 @@ struct Message {
 #[derive(Deserialize)]
 struct SeqOnly {
     seq: u64,
+}
+
+/// The count of a drain that must have seen every seq in `1..=n`; panics with `what`, how
+/// many arrived within `within`, and `log()` otherwise.
+pub fn complete(
+    count: Result<Count, String>,
+    n: u64,
+    what: &str,
+    within: Duration,
+    log: impl Fn() -> String,
+) -> Count {
+    match count {
+        Ok(c) if c.distinct == n => c,
+        Ok(c) => panic!(
+            "{what}: only {} of {n} records arrived within {within:?} ({} messages)\n{}",
+            c.distinct,
+            c.messages,
+            log()
+        ),
+        Err(e) => panic!("{what}: subscriber failed: {e}\n{}", log()),
+    }
 }
 
 /// A subscriber on its own thread that parses each message's `records` array and stops once
