@@ -67,11 +67,16 @@ impl Serialize for RecordRef<'_> {
 
 /// One record as a JSON line for `ferry spool export`: `{"stream","seq","ts","fields"|"line"}`.
 pub fn export_line(stream: &str, record: &Record) -> String {
+    record_value(stream, record).to_string()
+}
+
+/// One record as the JSON object of [`export_line`].
+pub fn record_value(stream: &str, record: &Record) -> serde_json::Value {
     let mut v = serde_json::to_value(RecordRef(record)).expect("a record serializes");
     if let Some(o) = v.as_object_mut() {
         o.insert("stream".into(), stream.into());
     }
-    v.to_string()
+    v
 }
 
 /// Encodes the leading chunks of a batch that fit in `max_bytes` (always at least one).

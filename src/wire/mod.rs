@@ -189,14 +189,17 @@ fn inflate(compressed: &[u8]) -> Result<Vec<u8>, WireError> {
 /// One decoded record as a JSON line: `{"device","boot","stream","seq","ts","clock"?,
 /// "fields"|"line"}` (what `ferry decode` prints).
 pub fn json_line(message: &Message, record: &Record) -> String {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&payload::export_line(&message.stream, record))
-            .expect("export_line writes a JSON object");
+    record_json(message, record).to_string()
+}
+
+/// The JSON object of [`json_line`].
+pub fn record_json(message: &Message, record: &Record) -> serde_json::Value {
+    let mut v = payload::record_value(&message.stream, record);
     if let Some(o) = v.as_object_mut() {
         o.insert("device".into(), message.device.clone().into());
         o.insert("boot".into(), message.boot.clone().into());
     }
-    v.to_string()
+    v
 }
 
 /// Size of the MQTT 3.1.1 PUBLISH packet (QoS 1) that carries `payload` on `topic`: fixed

@@ -387,7 +387,7 @@ fn parse_payload(topic: &str, payload: &[u8]) -> Option<Value> {
         let records: Vec<Value> = m
             .records
             .iter()
-            .map(|r| serde_json::from_str(&ferry::wire::json_line(&m, r)).expect("a JSON line"))
+            .map(|r| ferry::wire::record_json(&m, r))
             .collect();
         return Some(serde_json::json!({
             "v": 1, "device": m.device, "boot": m.boot, "stream": m.stream, "records": records,
