@@ -238,8 +238,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
     let flush_max = c.range("spool.flush_max_records", s.flush_max_records, 1, 100_000);
     let cache = c.range("spool.cache_bytes", s.cache_bytes, 256 << 10, 1 << 30);
 
-    let mut uplink = validate_uplink(&mut c, &raw.uplink, base, &device_id);
-    uplink.streams = validate_streams(&mut c, &raw.uplink, &raw.streams);
+    let uplink = validate_uplink(&mut c, &raw.uplink, &raw.streams, base, &device_id);
     let spool = SpoolSettings {
         dir: resolve(base, &s.dir),
         max_bytes,
@@ -454,7 +453,13 @@ fn join(prefix: &str, path: &str) -> String {
     }
 }
 
-fn validate_uplink(c: &mut Checker, u: &RawUplink, base: &Path, device_id: &str) -> UplinkSettings {
+fn validate_uplink(
+    c: &mut Checker,
+    u: &RawUplink,
+    streams: &BTreeMap<String, RawStream>,
+    base: &Path,
+    device_id: &str,
+) -> UplinkSettings {
     if u.host.trim().is_empty() {
         c.fail("uplink.host", "must name the broker host");
     }
@@ -617,7 +622,7 @@ fn validate_uplink(c: &mut Checker, u: &RawUplink, base: &Path, device_id: &str)
         shutdown_grace: Duration::from_millis(grace),
         tls,
         auth,
-        streams: StreamSettings::default(),
+        streams: validate_streams(c, u, streams),
         budget: BudgetSettings {
             daily_bytes: budget(c, "uplink.budget.daily_bytes", u.budget.daily_bytes),
             monthly_bytes: budget(c, "uplink.budget.monthly_bytes", u.budget.monthly_bytes),
