@@ -24,15 +24,6 @@ fn text(o: &[u8]) -> String {
     String::from_utf8_lossy(o).into_owned()
 }
 
-async fn status_json(config: &Path) -> Value {
-    let config = config.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || ferry(&["status", "--json"], &config))
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_state_backoff_and_streams_and_says_when_ferry_is_not_running() {
     let mut broker = Broker::start(BrokerOpts::default());
@@ -49,7 +40,7 @@ async fn status_shows_state_backoff_and_streams_and_says_when_ferry_is_not_runni
             .await
     );
 
-    let s = status_json(&config).await;
+    let s = agent.status_json().await;
     assert_eq!(s["connection"]["connected"], false, "{s}");
     assert!(
         s["connection"]["last_error"]
@@ -71,7 +62,7 @@ async fn status_shows_state_backoff_and_streams_and_says_when_ferry_is_not_runni
     broker.start_again();
     let mut connected = false;
     for _ in 0..50 {
-        if status_json(&config).await["connection"]["connected"] == true {
+        if agent.status_json().await["connection"]["connected"] == true {
             connected = true;
             break;
         }
@@ -84,7 +75,7 @@ async fn status_shows_state_backoff_and_streams_and_says_when_ferry_is_not_runni
     );
     let mut acked = 0;
     for _ in 0..50 {
-        let s = status_json(&config).await;
+        let s = agent.status_json().await;
         acked = s["counters"]["acked"].as_u64().unwrap_or(0);
         if acked > 0 {
             let c = &s["counters"];
