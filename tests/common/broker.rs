@@ -115,7 +115,7 @@ pub struct Broker {
 enum Logging {
     /// Every packet: the log explains a failed test.
     Everything,
-    /// Errors, warnings and notices: see [`Broker::start_quiet`].
+    /// Everything but packets: see [`Broker::start_quiet`].
     Quiet,
 }
 
@@ -133,9 +133,8 @@ impl Broker {
     }
 
     /// A broker for benchmarks: the plain listener only (on `port` if given, e.g. one an agent
-    /// has been failing to reach), no persistence, and logging only errors, warnings and
-    /// notices: logging every packet would cost the broker about as much as the traffic a
-    /// benchmark measures.
+    /// has been failing to reach), no persistence, and no per-packet (debug) logging: that
+    /// would cost the broker about as much as the traffic a benchmark measures.
     pub fn start_quiet(port: Option<u16>) -> Broker {
         Self::start_with(BrokerOpts::default(), Logging::Quiet, port)
     }
@@ -311,9 +310,12 @@ impl Broker {
         match logging {
             Logging::Everything => lines.push("log_type all".to_owned()),
             Logging::Quiet => {
-                // "running" (readiness) is a notice. No limit on messages in flight towards a
-                // subscriber either: the benchmark's counter must never be what limits a drain.
-                lines.extend(["error", "warning", "notice"].map(|t| format!("log_type {t}")));
+                // "running" (readiness) is information, as are connects; packets are debug. No
+                // limit on messages in flight towards a subscriber either: the benchmark's
+                // counter must never be what limits a drain.
+                lines.extend(
+                    ["error", "warning", "notice", "information"].map(|t| format!("log_type {t}")),
+                );
                 lines.push("max_inflight_messages 0".to_owned());
             }
         }
