@@ -441,9 +441,14 @@ impl Ferry {
 // Mosquitto
 
 /// A private Mosquitto for a benchmark (tests/common's broker, quietly logging), on `port` if
-/// given, killed on drop and by the signal thread if the bench is interrupted.
+/// given, killed on drop; the signal thread kills it and removes its directory if the bench
+/// is interrupted.
 pub fn broker(port: Option<u16>) -> Broker {
     let broker = Broker::start_quiet(port);
+    live_dirs()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(broker.dir().to_path_buf());
     if let Some(pid) = broker.pid() {
         live_children()
             .lock()
