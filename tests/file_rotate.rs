@@ -368,7 +368,10 @@ async fn real_logrotate_with_create_and_postrotate_loses_and_repeats_nothing() {
     let rotated = (1..=ROTATIONS)
         .filter(|i| dir.path().join(format!("app.log.{i}")).exists())
         .count();
-    assert_eq!(rotated, ROTATIONS as usize, "logrotate did not rotate each time");
+    assert_eq!(
+        rotated, ROTATIONS as usize,
+        "logrotate did not rotate each time"
+    );
     let expected: BTreeSet<String> = written("line", count).collect();
     assert!(
         agent.log().contains("Resuming rotated files"),
