@@ -443,6 +443,16 @@ fn find_by_inode(dir: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
         .map(|e| e.path())
 }
 
+/// Where the stored followed file was found after a restart.
+struct Restored {
+    /// Still the followed file (at the path, or renamed with nothing new at the path).
+    followed: Option<Open>,
+    /// Rotated while ferry was stopped: a new file is at the path.
+    rotated: Option<Open>,
+    /// The file at the path, if it is not the stored followed file.
+    new_at_path: Option<File>,
+}
+
 /// A stored file that cannot be resumed: what was written to it after `saved.offset` is lost.
 fn lost(path: &Path, saved: &FilePosition) {
     error!(
@@ -483,12 +493,11 @@ impl Tailer {
             }
             return Ok(t);
         };
-        let (followed, became_rotated, at_path) =
-            t.restore_followed(saved.followed, at_path, now)?;
-        t.followed = followed;
+        let restored = t.restore_followed(saved.followed, at_path, now)?;
+        t.followed = restored.followed;
         for f in &saved.rotated {
             let same = |o: &Open| (o.dev, o.ino) == (f.dev, f.ino);
-            if t.is_open(f) || became_rotated.as_ref().is_some_and(same) {
+            if t.is_open(f) || restored.rotated.as_ref().is_some_and(same) {
                 continue;
             }
             match t.find_rotated(f, now)? {
@@ -496,10 +505,19 @@ impl Tailer {
                 None => lost(&t.path, f),
             }
         }
-        t.rotated.extend(became_rotated);
-        if let Some(file) = at_path {
-            // Newer than every stored file: all of it is new.
-            t.followed = Some(t.open(file, &t.path, 0, now)?);
+        t.rotated.extend(restored.rotated);
+        if let Some(file) = restored.new_at_path {
+            let m = file.metadata().map_err(|e| open_err(&t.path, e))?;
+            let stored = t
+                .rotated
+                .iter()
+                .position(|o| (o.dev, o.ino) == (m.dev(), m.ino()));
+            t.followed = match stored {
+                // A stored rotated file renamed back to the path: it keeps its offset.
+                Some(i) => t.rotated.remove(i),
+                // Newer than every stored file: all of it is new.
+                None => Some(t.open(file, &t.path, 0, now)?),
+            };
         }
         if !t.rotated.is_empty() {
             info!(path = %t.path.display(), rotated = t.rotated.len(), "Resuming rotated files beside the followed one.");
@@ -509,17 +527,22 @@ impl Tailer {
 
     /// The stored followed file: at the path (followed), under another name with nothing new
     /// at the path (still followed), or under another name with a new file at the path
-    /// (rotated while ferry was stopped). Returns the followed file, the rotated one, and the
-    /// file at the path if it is a new one.
-    #[allow(clippy::type_complexity)]
+    /// (rotated while ferry was stopped).
     fn restore_followed(
         &self,
         saved: Option<FilePosition>,
         at_path: Option<File>,
         now: Instant,
-    ) -> Result<(Option<Open>, Option<Open>, Option<File>), FileError> {
+    ) -> Result<Restored, FileError> {
+        let found = |followed, rotated, new_at_path| {
+            Ok(Restored {
+                followed,
+                rotated,
+                new_at_path,
+            })
+        };
         let Some(saved) = saved else {
-            return Ok((None, None, at_path));
+            return found(None, None, at_path);
         };
         if let Some(file) = at_path {
             let m = file.metadata().map_err(|e| open_err(&self.path, e))?;
@@ -530,24 +553,24 @@ impl Tailer {
                 } else {
                     info!(path = %self.path.display(), "The file was truncated or replaced while ferry was stopped; reading it from the start.");
                 }
-                return Ok((Some(open), None, None));
+                return found(Some(open), None, None);
             }
             return match self.find_rotated(&saved, now)? {
                 Some(open) => {
                     info!(path = %self.path.display(), rotated = %open.name.display(), "Rotated while ferry was stopped; reading the old file until it is idle beside the new one.");
-                    Ok((None, Some(open), Some(file)))
+                    found(None, Some(open), Some(file))
                 }
                 None => {
                     lost(&self.path, &saved);
-                    Ok((None, None, Some(file)))
+                    found(None, None, Some(file))
                 }
             };
         }
         match self.find_rotated(&saved, now)? {
-            Some(open) => Ok((Some(open), None, None)),
+            Some(open) => found(Some(open), None, None),
             None => {
                 lost(&self.path, &saved);
-                Ok((None, None, None))
+                found(None, None, None)
             }
         }
     }
@@ -1264,6 +1287,26 @@ mod tests {
         let (got, pos) = drain(&mut t);
         assert_eq!(got, ["b2", "c2"]);
         assert_eq!(pos.unwrap().rotated.len(), 1);
+    }
+
+    /// A stored rotated file that is at the path again is read once, from its offset.
+    #[test]
+    fn a_stored_rotated_file_back_at_the_path_is_not_read_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        append(&path, "1\n");
+        let mut t = start(&path, None, StartAt::Beginning);
+        let (_, pos) = drain(&mut t);
+        drop(t);
+        let saved = Position {
+            rotated: vec![pos.unwrap().followed.unwrap()],
+            followed: None,
+        };
+        append(&path, "2\n");
+        let mut t = start(&path, Some(saved), StartAt::Beginning);
+        let (got, pos) = drain(&mut t);
+        assert_eq!(got, ["2"]);
+        assert!(pos.unwrap().rotated.is_empty());
     }
 
     #[test]
