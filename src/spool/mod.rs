@@ -39,10 +39,12 @@
 //! themselves evicted, which is the "small slack" above the cap. sled's files take about twice
 //! the stored bytes on disk and do not shrink (see docs/ARCHITECTURE.md).
 
+mod badchunk;
 pub mod chunk;
 pub mod drain;
 pub mod keys;
 mod store;
+mod unreported;
 pub mod writer;
 
 pub use drain::{DrainRules, DrainState, Lane, LaneWeights, Pick, StreamDrain};

@@ -216,10 +216,26 @@ fn drop_oldest_evicts_oldest_and_reports_the_ranges() {
     assert_eq!(stats.counters.committed, 2000);
 }
 
+/// Acknowledges everything readable.
+fn ack_all(spool: &Spool) {
+    while let Some(b) = spool.next_batch(&HashMap::new(), &ALL).unwrap() {
+        let ids: Vec<u64> = b.chunks.iter().map(|c| c.chunk_id).collect();
+        spool.ack(b.stream_id, &ids).unwrap();
+    }
+}
+
+fn u64_of(v: &Value) -> u64 {
+    match v {
+        Value::U64(n) => *n,
+        other => panic!("not a u64: {other:?}"),
+    }
+}
+
 #[test]
-fn drop_newest_keeps_old_records_and_reports_the_new_ones() {
+fn drop_newest_keeps_old_records_and_reports_the_new_ones_once_room_is_back() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(&settings(dir.path(), 64 << 10, FullPolicy::DropNewest)).unwrap();
+    let s = settings(dir.path(), 64 << 10, FullPolicy::DropNewest);
+    let spool = Spool::open(&s).unwrap();
     let mut dropped = 0;
     for round in 0..40u64 {
         dropped += spool
@@ -235,23 +251,120 @@ fn drop_newest_keeps_old_records_and_reports_the_new_ones() {
         .collect();
     assert_eq!(left[0], 1);
     assert!(left.windows(2).all(|w| w[1] == w[0] + 1));
-    let reasons: Vec<Value> = loss_records(&spool)
-        .into_iter()
-        .map(|l| l["reason"].clone())
-        .collect();
-    assert!(
-        reasons
-            .iter()
-            .all(|r| *r == Value::Str("spool_full".into()))
+    // While full, the dropped range is held back (counted, durable), not a chunk per commit.
+    assert!(loss_records(&spool).is_empty());
+    assert_eq!(
+        spool.stats().counters.lost.get("spool_full"),
+        Some(&dropped)
     );
-    let counted: u64 = loss_records(&spool)
-        .iter()
-        .map(|l| match l["count"] {
-            Value::U64(c) => c,
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(counted, dropped);
+    drop(spool);
+    std::thread::sleep(Duration::from_millis(1100));
+    let spool = Spool::open(&s).unwrap();
+    // Room comes back (everything acknowledged): the next commit reports one range.
+    ack_all(&spool);
+    spool.commit(&intakes("a", 2000..2001)).unwrap();
+    let losses = loss_records(&spool);
+    assert_eq!(losses.len(), 1, "{losses:?}");
+    assert_eq!(losses[0]["reason"], Value::Str("spool_full".into()));
+    assert_eq!(u64_of(&losses[0]["count"]), dropped);
+    assert_eq!(u64_of(&losses[0]["first_seq"]), *left.last().unwrap() + 1);
+    assert_eq!(u64_of(&losses[0]["last_seq"]), 2000);
+    assert_eq!(
+        spool.stats().counters.lost.get("spool_full"),
+        Some(&dropped)
+    );
+}
+
+#[test]
+fn drop_newest_through_a_six_hour_outage_stays_within_the_cap() {
+    use crate::clock::{ClockSource, ManualClock};
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 256 << 10;
+    let spool = Spool::open(&settings(dir.path(), cap, FullPolicy::DropNewest)).unwrap();
+    let clock = ManualClock::new(1_800_000_000_000, 1_000, true);
+    spool.set_clock(clock.clone());
+    // Six hours of 5 readings/s with the link down, one commit per 10 s of samples.
+    let (step_ms, per_commit) = (10_000u64, 50u64);
+    let commits = 6 * 3600 * 1000 / step_ms;
+    let (mut high, mut dropped, mut stored_high) = (0, 0, 0);
+    for n in 0..commits {
+        let group: Vec<Intake> = (0..per_commit)
+            .map(|i| {
+                let mut r = reading("a", n * per_commit + i);
+                r.ts_ms = clock.now_ms();
+                Intake::reading(r)
+            })
+            .collect();
+        dropped += spool.commit(&group).unwrap().dropped;
+        clock.advance(step_ms);
+        stored_high = stored_high.max(spool.stats().bytes);
+        if n % 50 == 0 {
+            high = high.max(dir_size(dir.path()));
+        }
+    }
+    high = high.max(dir_size(dir.path()));
+    let written = commits * per_commit * 100;
+    eprintln!(
+        "cap {cap} B, offered {written} B in {commits} commits, stored high-water {stored_high} B, disk high-water {high} B"
+    );
+    assert!(dropped > commits * per_commit / 2);
+    assert!(
+        stored_high <= cap,
+        "stored {stored_high} B for a cap of {cap} B"
+    );
+    // The bound of the drop_oldest churn test.
+    assert!(
+        high <= 4 * cap + (2 << 20),
+        "disk use {high} B for a cap of {cap} B"
+    );
+    assert_eq!(
+        spool.stats().stream(LOSS_STREAM).map_or(0, |l| l.records),
+        0
+    );
+}
+
+#[test]
+fn failed_commits_are_reported_with_the_next_commit_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 30, FullPolicy::DropOldest);
+    {
+        let spool = Spool::open(&s).unwrap();
+        spool.commit(&intakes("a", 0..1)).unwrap();
+        let full = SpoolError::DiskFull {
+            free: 0,
+            reserve: 1,
+        };
+        spool.note_failed(&intakes("a", 1..4), &full);
+        spool.note_failed(&intakes("b", 0..2), &full);
+        assert_eq!(spool.stats().counters.lost.get("disk_full"), Some(&5));
+        // Killed before any commit succeeded: only the side file knows.
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let spool = Spool::open(&s).unwrap();
+    let stats = spool.stats();
+    assert_eq!(stats.counters.lost.get("disk_full"), Some(&5));
+    assert_eq!(stats.counters.collected, 6);
+    spool.commit(&intakes("a", 4..5)).unwrap();
+    let mut losses = loss_records(&spool);
+    losses.sort_by_key(|l| format!("{:?}", l["stream"]));
+    assert_eq!(losses.len(), 2, "{losses:?}");
+    assert_eq!(losses[0]["stream"], Value::Str("a".into()));
+    assert_eq!(losses[0]["count"], Value::U64(3));
+    assert_eq!(losses[1]["count"], Value::U64(2));
+    assert!(
+        losses
+            .iter()
+            .all(|l| l["reason"] == Value::Str("disk_full".into()))
+    );
+    // Reported once: reopening does not report or count them again.
+    drop(spool);
+    std::thread::sleep(Duration::from_millis(1100));
+    let spool = Spool::open(&s).unwrap();
+    spool.commit(&intakes("a", 5..6)).unwrap();
+    assert_eq!(loss_records(&spool).len(), 2);
+    let stats = spool.stats();
+    assert_eq!(stats.counters.lost.get("disk_full"), Some(&5));
+    assert_eq!(stats.counters.collected, 8);
 }
 
 #[test]
