@@ -1309,6 +1309,12 @@ impl Spool {
         Ok(self.inner.db.open_tree(name)?)
     }
 
+    /// The spool's tree, for tests that damage stored values.
+    #[cfg(test)]
+    pub(super) fn tree(&self) -> &sled::Tree {
+        &self.inner.tree
+    }
+
     /// Flushes everything, including lazy deletions. Called at shutdown.
     pub fn flush(&self) -> Result<(), SpoolError> {
         self.inner.db.flush()?;
