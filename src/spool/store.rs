@@ -446,7 +446,7 @@ impl Spool {
     /// `ts = uptime_at_stamp + (wall_now - uptime_now)`, marked `Corrected`. Call once the
     /// clock is synchronised. Returns how many records were corrected.
     ///
-    /// Works through the spool in batches of [`CORRECT_BATCH_CHUNKS`] chunks, each one sled
+    /// Works through the spool in batches of `CORRECT_BATCH_CHUNKS` (64) chunks, each one sled
     /// batch under the lock, with a cursor in between: commits and acks go on while a large
     /// spool is corrected, and memory stays one batch. Chunks acked or evicted between batches
     /// are simply not met; chunks committed meanwhile were stamped by the synced clock.
@@ -798,7 +798,7 @@ impl Spool {
     }
 
     /// Counts readings that could not be committed (reason `disk_full` or
-    /// `spool_write_failed`) and keeps the count durable (see [`super::unreported`]) until the
+    /// `spool_write_failed`) and keeps the count durable (in a side file, see `spool::unreported`) until the
     /// next successful commit reports it on the loss stream.
     pub fn note_failed(&self, group: &[Intake], error: &SpoolError) {
         let reason = match error {
