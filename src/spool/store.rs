@@ -734,28 +734,10 @@ impl Spool {
                             );
                         }
                         Err(e) => {
-                            // The new chunks of this commit are counted in `meta` but not yet
-                            // in the tree.
-                            let new = new_chunks.iter().filter(|c| c.stream_id == sid);
-                            let unstored: u64 = new.clone().map(|c| c.count).sum();
-                            let view = StreamView {
-                                sid,
-                                name: &meta.name,
-                                records: meta.records - unstored,
-                                from,
-                                next_seq: new.map(|c| c.first_seq).min().unwrap_or(meta.next_seq),
-                                seq_floor,
-                            };
-                            let taken = badchunk::take(
-                                &self.inner.tree,
-                                &settings.dir,
-                                &view,
-                                cid,
-                                &value,
-                                &e,
+                            let loss = self.evict_bad(
+                                sid, meta, cid, from, &value, &e, new_chunks, seq_floor,
                             )?;
-                            meta.records -= taken.records;
-                            losses.ranges.push(taken.loss);
+                            losses.ranges.push(loss);
                         }
                     }
                     meta.bytes -= bytes;
@@ -795,6 +777,37 @@ impl Spool {
             }
         }
         Ok(())
+    }
+
+    /// Eviction met an unreadable chunk: moves it aside ([`badchunk`]) and un-counts it from
+    /// `meta`, whose records with chunk id `>= from` are those left in the tree plus this
+    /// commit's `new_chunks`.
+    #[allow(clippy::too_many_arguments)]
+    fn evict_bad(
+        &self,
+        sid: u32,
+        meta: &mut StreamMeta,
+        cid: u64,
+        from: u64,
+        value: &[u8],
+        why: &SpoolError,
+        new_chunks: &[NewChunk],
+        seq_floor: u64,
+    ) -> Result<Loss, SpoolError> {
+        let new = new_chunks.iter().filter(|c| c.stream_id == sid);
+        let unstored: u64 = new.clone().map(|c| c.count).sum();
+        let view = StreamView {
+            sid,
+            name: &meta.name,
+            records: meta.records - unstored,
+            from,
+            next_seq: new.map(|c| c.first_seq).min().unwrap_or(meta.next_seq),
+            seq_floor,
+        };
+        let dir = &self.inner.settings.dir;
+        let taken = badchunk::take(&self.inner.tree, dir, &view, cid, value, why)?;
+        meta.records -= taken.records;
+        Ok(taken.loss)
     }
 
     /// Counts readings that could not be committed (reason `disk_full` or

@@ -820,7 +820,7 @@ fn eviction_that_reaches_an_unreadable_chunk_moves_it_aside_and_commits_go_on() 
 
 #[test]
 fn clock_correction_works_in_batches_while_commits_go_on() {
-    correct_while_committing(128);
+    correct_while_committing(64);
 }
 
 /// The same on 1 GiB: `cargo test --lib spool::tests::clock_correction_of_1_gib -- --ignored
