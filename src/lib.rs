@@ -18,6 +18,7 @@
 //!   through the spool.
 //! - [`lifecycle`]: start-up order, signals, logging, systemd notification and shutdown phases.
 //! - [`record`]: the record model shared by every part.
+//! - [`loss`]: the one typed loss report (`ferry.loss`), built by whoever drops data.
 //!
 //! `docs/ARCHITECTURE.md` describes how the parts fit and which contracts they keep.
 
@@ -27,6 +28,7 @@ pub mod collectors;
 pub mod commands;
 pub mod config;
 pub mod lifecycle;
+pub mod loss;
 pub mod record;
 pub mod spool;
 pub mod uplink;

@@ -256,7 +256,8 @@ fn stop(agent: &mut Agent) {
     );
 }
 
-fn parse(cfg: &AgentConfig) -> ferry::config::Config {
+/// The agent config as ferry parses it (spool settings, status socket, ...).
+pub fn parse(cfg: &AgentConfig) -> ferry::config::Config {
     ferry::config::parse(&cfg.render(), &cfg.dir.join("ferry.yaml"))
         .unwrap_or_else(|e| panic!("the test config does not parse: {e}"))
 }
