@@ -42,6 +42,8 @@
 pub mod chunk;
 pub mod drain;
 pub mod keys;
+pub mod probe;
+pub mod seqfile;
 mod store;
 pub mod writer;
 
@@ -132,7 +134,12 @@ pub enum SpoolError {
     Storage(#[from] sled::Error),
     #[error("spool data is corrupt: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    SeqFile(#[from] seqfile::SeqFileError),
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod power_tests;
