@@ -17,6 +17,7 @@
 //! before the removal reports it twice (a duplicate report, never a missing one).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,10 @@ pub struct Quarantine {
 #[serde(deny_unknown_fields)]
 struct Contents {
     reserved: u64,
+    /// Every stream of the current spool with its next seq as of the last write: a stream
+    /// sled no longer knows, or knows with a lower next seq, means sled lost committed data.
+    #[serde(default)]
+    streams: BTreeMap<String, u64>,
     #[serde(default)]
     unreported: Vec<Quarantine>,
 }
@@ -94,7 +99,7 @@ impl SeqFile {
             path: Self::path_for(dir),
             contents: Contents {
                 reserved,
-                unreported: Vec::new(),
+                ..Contents::default()
             },
         };
         f.store()?;
@@ -109,25 +114,55 @@ impl SeqFile {
     /// Makes sure seqs below `next` may be handed out: if `next` passes the reservation, raises
     /// it to `next + RESERVE_BLOCK` and writes it durably before returning.
     pub fn reserve_below(&mut self, next: u64) -> Result<(), SeqFileError> {
-        if next <= self.contents.reserved {
+        self.reserve(next, std::iter::empty())
+    }
+
+    /// [`SeqFile::reserve_below`] for the spool's streams (name, next seq): also writes when a
+    /// stream is new to the file, recording every stream's next seq.
+    pub fn reserve<'a>(
+        &mut self,
+        next: u64,
+        streams: impl Iterator<Item = (&'a str, u64)> + Clone,
+    ) -> Result<(), SeqFileError> {
+        let new_stream = streams
+            .clone()
+            .any(|(name, _)| !self.contents.streams.contains_key(name));
+        if next <= self.contents.reserved && !new_stream {
             return Ok(());
         }
-        let old = self.contents.reserved;
-        self.contents.reserved = next.saturating_add(RESERVE_BLOCK);
+        let old = self.contents.clone();
+        if next > self.contents.reserved {
+            self.contents.reserved = next.saturating_add(RESERVE_BLOCK);
+        }
+        for (name, next_seq) in streams {
+            self.contents.streams.insert(name.to_string(), next_seq);
+        }
         if let Err(e) = self.store() {
-            self.contents.reserved = old;
+            self.contents = old;
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The first stream (name, recorded next seq) that `next_seq_of` (sled's view) does not
+    /// have, or has with a lower next seq.
+    pub fn regressed(&self, next_seq_of: impl Fn(&str) -> Option<u64>) -> Option<(String, u64)> {
+        self.contents
+            .streams
+            .iter()
+            .find(|(name, mark)| next_seq_of(name).is_none_or(|n| n < **mark))
+            .map(|(name, mark)| (name.clone(), *mark))
     }
 
     pub fn unreported(&self) -> &[Quarantine] {
         &self.contents.unreported
     }
 
-    /// Durably notes a quarantine before the spool is moved aside.
+    /// Durably notes a quarantine before the spool is moved aside; the fresh spool starts
+    /// with no streams.
     pub fn add_unreported(&mut self, q: Quarantine) -> Result<(), SeqFileError> {
         self.contents.unreported.push(q);
+        self.contents.streams.clear();
         self.store()
     }
 

@@ -706,7 +706,8 @@ impl Spool {
         }
         // No seq reaches the tree before the reservation above it is durable.
         let next_seq = metas.values().map(|m| m.next_seq).max().unwrap_or(0);
-        state.seq.reserve_below(next_seq)?;
+        let streams = metas.values().map(|m| (m.name.as_str(), m.next_seq));
+        state.seq.reserve(next_seq, streams)?;
         self.inner.tree.apply_batch(batch)?;
         state.metas = metas;
         state.ids = ids;
@@ -1203,6 +1204,16 @@ fn reservation(
         .max(global.seq_floor);
     Ok(match loaded {
         Ok(Some(mut f)) => {
+            // sled drops the tail of a log it cannot read, silently: counters that went back
+            // would hand out seqs again.
+            let next_seq_of =
+                |name: &str| metas.values().find(|m| m.name == name).map(|m| m.next_seq);
+            if let Some((stream, mark)) = f.regressed(next_seq_of) {
+                return Err(SpoolError::Corrupt(format!(
+                    "sled lost committed records: stream {stream} had handed out seqs below {mark}, the spool now says {}",
+                    next_seq_of(&stream).map_or("nothing".into(), |n| format!("below {n}"))
+                )));
+            }
             f.reserve_below(used_below)?;
             f
         }
