@@ -11,6 +11,11 @@
 //! lost. The file sits beside the spool directory, not in it, so moving the directory aside or
 //! losing it leaves the reservation where it was.
 //!
+//! It also records each stream of the current spool with a next seq sled has durably reached
+//! (written after the commit that created the stream synced, and again whenever the reservation
+//! grows). If sled later opens without that stream, or with a lower next seq, it lost committed
+//! data (it silently drops a log tail it cannot read) and the spool is treated as corrupt.
+//!
 //! The file also lists quarantines not yet reported on `ferry.loss`: one is added (durably)
 //! before a corrupt spool is moved aside and removed after the fresh spool committed its loss
 //! record, so a crash in between reports it on the next start. A crash after that commit but
@@ -112,33 +117,41 @@ impl SeqFile {
     }
 
     /// Makes sure seqs below `next` may be handed out: if `next` passes the reservation, raises
-    /// it to `next + RESERVE_BLOCK` and writes it durably before returning.
-    pub fn reserve_below(&mut self, next: u64) -> Result<(), SeqFileError> {
-        self.reserve(next, std::iter::empty())
+    /// it to `next + RESERVE_BLOCK` and writes it durably before returning. True if it wrote.
+    pub fn reserve_below(&mut self, next: u64) -> Result<bool, SeqFileError> {
+        if next <= self.contents.reserved {
+            return Ok(false);
+        }
+        let old = self.contents.reserved;
+        self.contents.reserved = next.saturating_add(RESERVE_BLOCK);
+        if let Err(e) = self.store() {
+            self.contents.reserved = old;
+            return Err(e);
+        }
+        Ok(true)
     }
 
-    /// [`SeqFile::reserve_below`] for the spool's streams (name, next seq): also writes when a
-    /// stream is new to the file, recording every stream's next seq.
-    pub fn reserve<'a>(
+    /// Records the spool's streams (name, next seq) once they are durable in sled: written
+    /// when a stream is new to the file, or when `always`. A mark is never ahead of sled's
+    /// synced state, so only a real loss makes sled's counters fall below it.
+    pub fn record_streams<'a>(
         &mut self,
-        next: u64,
         streams: impl Iterator<Item = (&'a str, u64)> + Clone,
+        always: bool,
     ) -> Result<(), SeqFileError> {
         let new_stream = streams
             .clone()
             .any(|(name, _)| !self.contents.streams.contains_key(name));
-        if next <= self.contents.reserved && !new_stream {
+        if !always && !new_stream {
             return Ok(());
         }
-        let old = self.contents.clone();
-        if next > self.contents.reserved {
-            self.contents.reserved = next.saturating_add(RESERVE_BLOCK);
-        }
+        let old = self.contents.streams.clone();
         for (name, next_seq) in streams {
-            self.contents.streams.insert(name.to_string(), next_seq);
+            let mark = self.contents.streams.entry(name.to_string()).or_default();
+            *mark = (*mark).max(next_seq);
         }
         if let Err(e) = self.store() {
-            self.contents = old;
+            self.contents.streams = old;
             return Err(e);
         }
         Ok(())

@@ -706,8 +706,11 @@ impl Spool {
         }
         // No seq reaches the tree before the reservation above it is durable.
         let next_seq = metas.values().map(|m| m.next_seq).max().unwrap_or(0);
-        let streams = metas.values().map(|m| (m.name.as_str(), m.next_seq));
-        state.seq.reserve(next_seq, streams)?;
+        let raised = state.seq.reserve_below(next_seq)?;
+        let marks: Vec<(String, u64)> = metas
+            .values()
+            .map(|m| (m.name.clone(), m.next_seq))
+            .collect();
         self.inner.tree.apply_batch(batch)?;
         state.metas = metas;
         state.ids = ids;
@@ -725,6 +728,11 @@ impl Spool {
             if generation > state.reported_gen {
                 state.reported_gen = generation;
                 state.reported = counters;
+            }
+            // Now durable: new streams (and, per block, every stream) are marked in the file.
+            let marks = marks.iter().map(|(n, s)| (n.as_str(), *s));
+            if let Err(e) = state.seq.record_streams(marks, raised) {
+                error!(error = %e, "Cannot record the spool's streams in the seq reservation.");
             }
         }
         self.inner
