@@ -45,7 +45,7 @@ fn settings(dir: &Path, cap: u64) -> SpoolSettings {
         cache_bytes: 4 << 20,
         min_free_bytes: 16 << 20,
         chunk_max_records: 500,
-        chunk_max_bytes: (64 << 10) / 8,
+        chunk_max_bytes: ((64 << 10) / 8).min(ferry::config::CHUNK_MAX_BYTES_CAP as usize),
     }
 }
 

@@ -10,7 +10,8 @@
 //!
 //! Run: `cargo bench --bench spool_ingest`. Knobs: `FERRY_BENCH_RECORDS` (large groups,
 //! default 200000), `FERRY_BENCH_SMALL_RECORDS` (default 50000), `FERRY_BENCH_SMALL_GROUP`
-//! (default 10), `FERRY_BENCH_REPS` (default 3), `FERRY_BENCH_DIR` (default the temp dir).
+//! (default 10), `FERRY_BENCH_REPS` (default 3), `FERRY_BENCH_DIR` (default the temp dir),
+//! `FERRY_BENCH_RAW_FDATASYNC=1` (the baseline also fdatasyncs sled's log per commit).
 
 mod common;
 
@@ -32,7 +33,7 @@ fn settings(dir: &Path) -> SpoolSettings {
         cache_bytes: 4 << 20,
         min_free_bytes: 16 << 20,
         chunk_max_records: 500,
-        chunk_max_bytes: (64 << 10) / 8,
+        chunk_max_bytes: ((64 << 10) / 8).min(ferry::config::CHUNK_MAX_BYTES_CAP as usize),
     }
 }
 
@@ -76,6 +77,10 @@ fn run_raw(readings: &[Reading], commits: u64) -> Run {
         .open()
         .expect("open sled");
     let tree = db.open_tree("raw").expect("open tree");
+    // FERRY_BENCH_RAW_FDATASYNC=1: the baseline also fdatasyncs sled's log after each flush,
+    // as the spool does since it must survive a power cut (sled's flush alone does not).
+    let log = (env_or("FERRY_BENCH_RAW_FDATASYNC", 0u64) == 1)
+        .then(|| std::fs::File::open(s.dir.join("db")).expect("open sled's log"));
     let mut key = 0u64;
     let mut buf = Vec::with_capacity(256);
     let t = Instant::now();
@@ -89,6 +94,9 @@ fn run_raw(readings: &[Reading], commits: u64) -> Run {
         }
         tree.apply_batch(batch).expect("apply_batch");
         tree.flush().expect("flush");
+        if let Some(log) = &log {
+            log.sync_data().expect("fdatasync");
+        }
     }
     let elapsed = t.elapsed();
     let last = tree.last().expect("read").map(|(k, _)| k.to_vec());

@@ -50,6 +50,10 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// Internal: open the spool in DIR and exit (run by ferry itself before it opens a spool,
+    /// to survive a spool that makes the storage library crash).
+    #[command(name = "__probe-spool", hide = true)]
+    ProbeSpool { dir: PathBuf },
     /// Turn ferry data messages (any encoding, docs/WIRE.md) back into JSON lines, one per
     /// record: each FILE holds one message payload; standard input when none is given.
     Decode { files: Vec<PathBuf> },
@@ -75,7 +79,15 @@ enum SpoolCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. } | Command::Spool { .. })
+        && let Ok(me) = std::env::current_exe()
+    {
+        ferry::spool::probe::enable(me);
+    }
     match cli.command {
+        Command::ProbeSpool { dir } => {
+            ExitCode::from(ferry::spool::probe::child(&dir).clamp(0, 255) as u8)
+        }
         Command::Validate { config } => match config::load(&config) {
             Ok(_) => {
                 println!("ok");
@@ -305,7 +317,8 @@ fn render_status(s: &serde_json::Value) -> String {
 
 fn open_spool(path: &std::path::Path) -> Result<(Config, Spool), ExitCode> {
     let config = config::load(path).map_err(|e| config_error(&e))?;
-    match Spool::open(&config.spool) {
+    // Never moves a corrupt spool aside: inspecting must not change what is inspected.
+    match Spool::open_to_inspect(&config.spool) {
         Ok(s) => Ok((config, s)),
         Err(e) => {
             eprintln!("error: {e}");

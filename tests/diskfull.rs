@@ -161,9 +161,7 @@ fn disk_full_reported(sub: &Subscriber) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_counts_survive_a_sigkill_while_the_disk_is_full() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = Tmpfs::mount(&dir.path().join("fs"), "8m") else {
-        return;
-    };
+    let fs = Tmpfs::mount(&dir.path().join("fs"), "8m");
     let broker = Broker::start(BrokerOpts::default());
     let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
     let yaml = config(dir.path(), &fs, broker.agent_port());

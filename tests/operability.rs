@@ -234,11 +234,8 @@ async fn a_corrupt_spool_is_moved_aside_reported_and_ferry_continues() {
     let db = cfg.spool_dir.join("db");
     let len = std::fs::metadata(&db).unwrap().len() as usize;
     std::fs::write(&db, vec![0xa5; len]).unwrap();
-    let floor = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-        * 1000;
+    // The seq reservation beside the spool is above everything the old spool handed out.
+    let old_max = *sub.unique_seqs("system").last().unwrap();
     agent.start_again();
     assert!(
         sub.wait_until(Duration::from_secs(15), |s| s
@@ -258,7 +255,7 @@ async fn a_corrupt_spool_is_moved_aside_reported_and_ferry_continues() {
         sub.wait_until(Duration::from_secs(15), |s| s
             .unique_seqs("system")
             .iter()
-            .any(|q| *q >= floor))
+            .any(|q| *q > old_max + 1000))
             .await,
         "sampling did not continue above the old seqs\n{}",
         agent.log()

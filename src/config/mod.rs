@@ -15,8 +15,8 @@ mod settings;
 pub use raw::{FullPolicy, ParamKind};
 pub use settings::{
     ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, BudgetSettings,
-    ClockSettings, CommandSettings, Config, ParamSettings, SpoolSettings, StreamSettings,
-    TlsSettings, UplinkSettings,
+    CHUNK_MAX_BYTES_CAP, ClockSettings, CommandSettings, Config, ParamSettings, SpoolSettings,
+    StreamSettings, TlsSettings, UplinkSettings,
 };
 
 use locate::{Locator, Position};

@@ -76,9 +76,10 @@ pub struct SpoolSettings {
     /// Most records packed into one stored chunk (= the uplink's batch record limit, so a
     /// chunk always fits in one message).
     pub chunk_max_records: usize,
-    /// Most encoded bytes in one stored chunk. A chunk is the unit of acknowledgement, so it is
-    /// kept to a fraction of the batch byte limit: even when JSON inflates it, one chunk fits
-    /// in one message.
+    /// Most encoded bytes in one stored chunk (a single larger record is a chunk of its own). A
+    /// chunk is the unit of acknowledgement, so it is kept to a fraction of the batch byte
+    /// limit: even when JSON inflates it, one chunk fits in one message. At most
+    /// [`CHUNK_MAX_BYTES_CAP`], so sled keeps its pages inline in its log.
     pub chunk_max_bytes: usize,
 }
 
@@ -165,6 +166,12 @@ pub struct AuthSettings {
 /// Ratio between the batch byte limit and the stored chunk byte limit; see
 /// [`SpoolSettings::chunk_max_bytes`].
 const CHUNK_FRACTION: u64 = 8;
+/// Upper bound of the stored chunk byte limit, whatever the batch limit: sled 0.34 writes a
+/// page larger than a quarter of its 512 KiB segment (about 128 KiB) to a separate blob file,
+/// which costs two fsyncs (vendor/sled/FERRY-PATCHES.md), and a leaf page holds up to 17
+/// values (it splits by count, above 16). 17 chunks of 6 KiB plus keys stay near 105 KiB, so
+/// only a single record larger than this makes a blob. Measured in `benches/spool_ingest.rs`.
+pub const CHUNK_MAX_BYTES_CAP: u64 = 6 << 10;
 /// Room for the MQTT fixed header and topic beyond a batch's payload.
 const PACKET_OVERHEAD_BYTES: u64 = 1024;
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
@@ -248,7 +255,8 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
         cache_bytes: cache,
         min_free_bytes: s.min_free_bytes,
         chunk_max_records: uplink.batch.max_records,
-        chunk_max_bytes: (uplink.batch.max_bytes as u64 / CHUNK_FRACTION).max(512) as usize,
+        chunk_max_bytes: (uplink.batch.max_bytes as u64 / CHUNK_FRACTION)
+            .clamp(512, CHUNK_MAX_BYTES_CAP) as usize,
     };
 
     let commands = validate_commands(&mut c, &raw.commands, base);

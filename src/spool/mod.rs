@@ -14,11 +14,20 @@
 //!
 //! **Write.** Collectors send [`Intake`]s into a bounded channel; one [`writer`] task drains it
 //! and commits a group every `flush_interval_ms` or `flush_max_records`, whichever comes
-//! first: one sled batch (chunks, metadata, positions), then a flush. Each record's `seq` is
-//! assigned at commit from its stream's persisted counter; seqs are never reused, also across
-//! restarts and evictions. A record is **accepted** only once that flush returned: from then
-//! on it survives SIGKILL and power loss, and it leaves the spool only by ack or by counted
-//! eviction.
+//! first: one sled batch (chunks, metadata, positions), then a sync: sled's flush plus an
+//! fdatasync of sled's log (sled's own flush is `sync_file_range`, which survives SIGKILL but
+//! not a power cut). Each record's `seq` is assigned at commit from its stream's persisted
+//! counter, below the durable seq reservation kept outside sled ([`seqfile`]), which is raised
+//! before the batch is applied; seqs are never reused, also across restarts, evictions, a
+//! spool moved aside or lost, and a wrong clock. A record is **accepted** (and counted as
+//! committed in the status) only once that sync returned: from then on it survives SIGKILL
+//! and power loss, and it leaves the spool only by ack or by counted eviction. Chunks are kept
+//! small enough that sled stores its pages inline in its log; a single record too big for that
+//! goes to a sled blob file, which the vendored sled fsyncs before its log can point at it.
+//!
+//! **Open.** The ferry binary first opens the spool in a child process ([`probe`]); a spool
+//! that sled cannot open, or that crashes the child, is moved aside, and a fresh one starts at
+//! the reservation with a `spool_corrupt` loss record.
 //!
 //! **Read.** [`Spool::drain_batch`] hands out accepted chunks of one stream in the order of
 //! [`drain`] (lanes, weights, live-first) after the [`DrainState`] the uplink keeps per
@@ -69,6 +78,8 @@ mod badchunk;
 pub mod chunk;
 pub mod drain;
 pub mod keys;
+pub mod probe;
+pub mod seqfile;
 mod store;
 mod unreported;
 pub mod writer;
@@ -160,7 +171,12 @@ pub enum SpoolError {
     Storage(#[from] sled::Error),
     #[error("spool data is corrupt: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    SeqFile(#[from] seqfile::SeqFileError),
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod power_tests;

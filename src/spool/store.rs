@@ -10,6 +10,7 @@ use super::chunk::{self, Header};
 use super::drain::{DrainRules, DrainState, Lane, Pick};
 use super::keys;
 use super::unreported::Unreported;
+use super::seqfile::{Quarantine, SeqFile, SeqFileError, sync_parent};
 use super::{Checkpoint, Intake, SpoolError};
 use crate::clock::{ClockSource, ClockState, SystemClock};
 use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
@@ -57,6 +58,9 @@ struct GlobalMeta {
     seq_floor: u64,
 }
 
+/// sled 0.34's log file in its directory (pages, and pointers to its blob files).
+const SLED_LOG: &str = "db";
+
 /// File written when a spool is created. A spool directory that has it but no counters in
 /// sled lost its data.
 const MARKER: &str = "ferry-spool";
@@ -83,7 +87,16 @@ impl Counters {
 }
 
 struct State {
+    /// Counters as applied to the tree (the base of the next commit).
     counters: Counters,
+    /// Counters as of the latest commit known to be on stable storage: what `stats` reports
+    /// as committed and lost. `reported_gen` is the commit it came from, `applied_gen` the
+    /// latest applied one (commits may finish their sync out of order).
+    reported: Counters,
+    reported_gen: u64,
+    applied_gen: u64,
+    /// The durable seq reservation; raised before a commit persists a seq at or above it.
+    seq: SeqFile,
     ids: HashMap<String, u32>,
     metas: BTreeMap<u32, StreamMeta>,
     global: GlobalMeta,
@@ -104,6 +117,8 @@ impl State {
 struct Inner {
     tree: sled::Tree,
     db: sled::Db,
+    /// sled's log file, opened by us to fdatasync it after sled's flush.
+    log: std::fs::File,
     settings: SpoolSettings,
     state: Mutex<State>,
     /// Chunk ids below this are flushed and may be handed to the uplink.
@@ -277,89 +292,129 @@ fn hold_back(pending: &mut Vec<Loss>, losses: Vec<Loss>) -> Vec<Loss> {
 }
 
 impl Spool {
-    /// Opens (or creates) the spool in `settings.dir`.
+    /// Opens (or creates) the spool in `settings.dir`. A spool sled cannot open (an error that
+    /// says corrupt, or a panic seen by the [`probe`](super::probe)) is moved aside and replaced
+    /// by a fresh one; quarantines not yet reported are reported first.
     pub fn open(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
+        if let Some(why) = super::probe::check(&settings.dir)? {
+            return Self::quarantine(settings, &why);
+        }
         match Self::open_inner(settings) {
             Err(e) if e.is_corruption() => Self::quarantine(settings, &e),
-            other => other,
+            Err(e) => Err(e),
+            Ok(spool) => {
+                spool.report_quarantines()?;
+                Ok(spool)
+            }
         }
     }
 
-    /// Moves a corrupt spool aside and starts a fresh one. Its streams' seqs start above any
-    /// the old spool can have used (at `now_ms * 1000`), so no seq is ever reused, and the loss
-    /// is reported on `ferry.loss`.
+    /// Opens an existing spool to look into it (`ferry spool inspect`/`export`): a corrupt
+    /// spool, or one that makes sled panic, is an error, and nothing is moved.
+    pub fn open_to_inspect(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
+        if let Some(why) = super::probe::check(&settings.dir)? {
+            return Err(why);
+        }
+        Self::open_inner(settings)
+    }
+
+    /// Moves a corrupt spool aside and starts a fresh one whose streams start at the seq
+    /// reservation ([`SeqFile`]), above every seq ever handed out, whatever the clock says. The
+    /// quarantine is noted in the reservation file before the move and reported on
+    /// `ferry.loss` by the fresh spool, so a crash at any point still reports it.
     fn quarantine(settings: &SpoolSettings, why: &SpoolError) -> Result<Spool, SpoolError> {
         let dir = &settings.dir;
         let name = dir
             .file_name()
             .map_or_else(|| "spool".into(), |n| n.to_string_lossy().into_owned());
-        let target = dir.with_file_name(format!("{name}.corrupt-{}", now_ms()));
-        std::fs::rename(dir, &target).map_err(|e| {
-            error!(dir = %dir.display(), error = %e, "Cannot move the corrupt spool aside.");
-            SpoolError::Corrupt(format!("{why}; moving it aside failed: {e}"))
-        })?;
-        error!(dir = %dir.display(), moved_to = %target.display(), error = %why, "The spool is corrupt: moved aside, continuing on a fresh spool. Records it held are lost.");
-        let spool = Self::open_inner(settings)?;
-        {
-            let mut state = spool.lock();
-            state.global.seq_floor = now_ms().saturating_mul(1000);
-            spool
-                .inner
-                .tree
-                .insert(keys::GLOBAL, encode_meta(&state.global))?;
+        let mut target = dir.with_file_name(format!("{name}.corrupt-{}", now_ms()));
+        for n in 1.. {
+            if !target.exists() {
+                break;
+            }
+            target = dir.with_file_name(format!("{name}.corrupt-{}-{n}", now_ms()));
         }
-        let loss = Loss {
-            stream: None,
-            reason: LossReason::SpoolCorrupt,
-            count: 1,
-            seqs: None,
-            detail: vec![
-                (
-                    "quarantined".into(),
-                    Value::Str(target.display().to_string()),
-                ),
-                ("error".into(), Value::Str(why.to_string())),
-            ],
+        let mut seq = match SeqFile::load(dir) {
+            Ok(Some(f)) => f,
+            other => {
+                // A spool from before the reservation existed: the clock is all that is left.
+                let floor = now_ms().saturating_mul(1000);
+                error!(dir = %dir.display(), floor, problem = ?other.err(), "No usable seq reservation for the corrupt spool; new seqs start at the clock (ms * 1000).");
+                SeqFile::create(dir, floor)?
+            }
         };
-        spool.commit(&[Intake::reading(loss.to_reading())])?;
+        seq.add_unreported(Quarantine {
+            moved_to: target.clone(),
+            error: why.to_string(),
+        })?;
+        std::fs::rename(dir, &target)
+            .and_then(|()| sync_parent(dir))
+            .map_err(|e| {
+                error!(dir = %dir.display(), error = %e, "Cannot move the corrupt spool aside.");
+                SpoolError::Corrupt(format!("{why}; moving it aside failed: {e}"))
+            })?;
+        error!(dir = %dir.display(), moved_to = %target.display(), error = %why, "The spool is corrupt: moved aside, continuing on a fresh spool. Records it held are lost.");
+        drop(seq);
+        let spool = Self::open_inner(settings)?;
+        spool.report_quarantines()?;
         Ok(spool)
     }
 
+    /// Commits a `spool_corrupt` loss record for every quarantine the reservation file still
+    /// lists, then clears the list.
+    fn report_quarantines(&self) -> Result<(), SpoolError> {
+        let pending = self.lock().seq.unreported().to_vec();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut intakes = Vec::new();
+        for q in pending {
+            if !q.moved_to.exists() {
+                // Noted, then the process died before the move: the spool was not moved.
+                warn!(moved_to = %q.moved_to.display(), "A noted quarantine did not happen; not reported.");
+                continue;
+            }
+            let loss = Loss {
+                stream: None,
+                reason: LossReason::SpoolCorrupt,
+                count: 1,
+                seqs: None,
+                detail: vec![
+                    (
+                        "quarantined".into(),
+                        Value::Str(q.moved_to.display().to_string()),
+                    ),
+                    ("error".into(), Value::Str(q.error)),
+                ],
+            };
+            intakes.push(Intake::reading(loss.to_reading()));
+        }
+        if !intakes.is_empty() {
+            self.commit(&intakes)?;
+        }
+        self.lock().seq.clear_unreported()?;
+        Ok(())
+    }
+
     fn open_inner(settings: &SpoolSettings) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(&settings.dir).map_err(|source| SpoolError::CreateDir {
-            dir: settings.dir.clone(),
-            source,
-        })?;
+        let created = !settings.dir.exists();
+        std::fs::create_dir_all(&settings.dir)
+            .and_then(|()| {
+                if created {
+                    sync_parent(&settings.dir)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|source| SpoolError::CreateDir {
+                dir: settings.dir.clone(),
+                source,
+            })?;
         let marker = settings.dir.join(MARKER);
         let existed = marker.exists();
-        let config = sled::Config::new()
-            .path(&settings.dir)
-            .cache_capacity(settings.cache_bytes)
-            // Commits flush explicitly; the background flush only makes lazy deletions durable.
-            .flush_every_ms(Some(1000));
-        // sled's lock outlives a dropped handle until its flusher thread ends (up to one flush
-        // period), so a reopen in the same process may have to wait for it briefly.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) if is_lock_error(&e) => {
-                    return Err(SpoolError::Locked {
-                        dir: settings.dir.clone(),
-                    });
-                }
-                Err(source) => {
-                    return Err(SpoolError::Open {
-                        dir: settings.dir.clone(),
-                        source,
-                    });
-                }
-            }
-        };
+        let (db, log) = open_sled(settings)?;
         let tree = db.open_tree("spool")?;
+        let loaded = SeqFile::load(&settings.dir);
         let global: GlobalMeta = match tree.get(keys::GLOBAL)? {
             Some(v) => decode_meta("global counters", &v)?,
             // sled recovers a damaged log by dropping what it cannot read, silently: a spool
@@ -370,15 +425,22 @@ impl Spool {
                 ));
             }
             None => {
-                tree.insert(keys::GLOBAL, encode_meta(&GlobalMeta::default()))?;
+                let global = GlobalMeta {
+                    seq_floor: new_spool_floor(&settings.dir, &loaded),
+                    ..GlobalMeta::default()
+                };
+                tree.insert(keys::GLOBAL, encode_meta(&global))?;
                 tree.flush()?;
-                std::fs::write(&marker, b"ferry spool\n")
+                log.sync_data()
+                    .and_then(|()| write_synced(&marker, b"ferry spool\n"))
+                    // sled writes its `conf` once, at creation, without an fsync.
+                    .and_then(|()| std::fs::File::open(settings.dir.join("conf"))?.sync_all())
                     .and_then(|()| std::fs::File::open(&settings.dir)?.sync_all())
                     .map_err(|source| SpoolError::CreateDir {
                         dir: settings.dir.clone(),
                         source,
                     })?;
-                GlobalMeta::default()
+                global
             }
         };
         let counters: Counters = match tree.get(keys::COUNTERS)? {
@@ -399,6 +461,7 @@ impl Spool {
             metas.insert(id, meta);
         }
         let (failures, pending, counters) = load_losses(&tree, &settings.dir, counters)?;
+        let seq = reservation(&settings.dir, loaded, &global, &metas)?;
         let (committed, _) = tokio::sync::watch::channel(global.next_chunk_id);
         Ok(Spool {
             inner: Arc::new(Inner {
@@ -406,8 +469,13 @@ impl Spool {
                 tree,
                 db,
                 settings: settings.clone(),
+                log,
                 state: Mutex::new(State {
+                    reported: counters.clone(),
+                    reported_gen: 0,
+                    applied_gen: 0,
                     counters,
+                    seq,
                     ids,
                     metas,
                     global,
@@ -667,18 +735,39 @@ impl Spool {
         for cp in &checkpoints {
             batch.insert(keys::position(&cp.source), cp.position.as_slice());
         }
+        // No seq reaches the tree before the reservation above it is durable.
+        let next_seq = metas.values().map(|m| m.next_seq).max().unwrap_or(0);
+        let raised = state.seq.reserve_below(next_seq)?;
+        let marks: Vec<(String, u64)> = metas
+            .values()
+            .map(|m| (m.name.clone(), m.next_seq))
+            .collect();
         self.inner.tree.apply_batch(batch)?;
         state.metas = metas;
         state.ids = ids;
         state.global = global;
-        state.counters = counters;
+        state.counters = counters.clone();
         state.pending = pending;
+        state.applied_gen += 1;
+        let generation = state.applied_gen;
         let readable = global.next_chunk_id;
         drop(state);
 
-        self.inner.tree.flush()?;
-        if !failures.is_empty() {
-            self.lock().failures.reported(&failures, failures_collected);
+        self.sync()?;
+        {
+            let mut state = self.lock();
+            if generation > state.reported_gen {
+                state.reported_gen = generation;
+                state.reported = counters;
+            }
+            if !failures.is_empty() {
+                state.failures.reported(&failures, failures_collected);
+            }
+            // Now durable: new streams (and, per block, every stream) are marked in the file.
+            let marks = marks.iter().map(|(n, s)| (n.as_str(), *s));
+            if let Err(e) = state.seq.record_streams(marks, raised) {
+                error!(error = %e, "Cannot record the spool's streams in the seq reservation.");
+            }
         }
         self.inner
             .readable_below
@@ -1212,7 +1301,11 @@ impl Spool {
             records: streams.iter().map(|s| s.records).sum(),
             bytes: state.total_bytes(),
             streams,
-            counters: state.counters.clone(),
+            // Committed and lost as of the latest synced commit; collected as offered.
+            counters: Counters {
+                collected: state.counters.collected,
+                ..state.reported.clone()
+            },
         }
     }
 
@@ -1328,11 +1421,21 @@ impl Spool {
         &self.inner.tree
     }
 
-    /// Flushes everything, including lazy deletions. Called at shutdown.
+    /// Flushes everything, including lazy deletions, to stable storage. Called at shutdown.
     pub fn flush(&self) -> Result<(), SpoolError> {
+        self.sync()
+    }
+
+    /// Makes everything written so far durable against a power cut. sled's flush writes its
+    /// log with `sync_file_range`, which neither flushes the disk's cache nor persists the
+    /// file's size; an fdatasync of the log through our own handle does both. (sled's blobs
+    /// are fsynced by sled itself before the log can point at them: vendor/sled.)
+    fn sync(&self) -> Result<(), SpoolError> {
         self.inner.db.flush()?;
-        self.inner.tree.flush()?;
-        Ok(())
+        self.inner
+            .log
+            .sync_data()
+            .map_err(|e| SpoolError::Storage(e.into()))
     }
 
     /// Bytes the spool's files take on disk.
@@ -1342,6 +1445,106 @@ impl Spool {
             0
         })
     }
+}
+
+/// The first seq of a brand-new spool in `dir`: the reservation if there is one (a spool was
+/// here before and was moved aside or lost), else 1.
+fn new_spool_floor(dir: &std::path::Path, loaded: &Result<Option<SeqFile>, SeqFileError>) -> u64 {
+    match loaded {
+        Ok(Some(f)) => f.reserved(),
+        Ok(None) => 0,
+        Err(e) => {
+            let floor = now_ms().saturating_mul(1000);
+            error!(dir = %dir.display(), error = %e, floor, "The seq reservation is unreadable; a new spool starts its seqs at the clock (ms * 1000).");
+            floor
+        }
+    }
+}
+
+/// The seq reservation of an opened spool, raised to cover what sled says was handed out (a
+/// spool from before the reservation existed, or a reservation file restored from elsewhere).
+fn reservation(
+    dir: &std::path::Path,
+    loaded: Result<Option<SeqFile>, SeqFileError>,
+    global: &GlobalMeta,
+    metas: &BTreeMap<u32, StreamMeta>,
+) -> Result<SeqFile, SpoolError> {
+    let used_below = metas
+        .values()
+        .map(|m| m.next_seq)
+        .max()
+        .unwrap_or(0)
+        .max(global.seq_floor);
+    Ok(match loaded {
+        Ok(Some(mut f)) => {
+            // sled drops the tail of a log it cannot read, silently: counters that went back
+            // would hand out seqs again.
+            let next_seq_of =
+                |name: &str| metas.values().find(|m| m.name == name).map(|m| m.next_seq);
+            if let Some((stream, mark)) = f.regressed(next_seq_of) {
+                return Err(SpoolError::Corrupt(format!(
+                    "sled lost committed records: stream {stream} had handed out seqs below {mark}, the spool now says {}",
+                    next_seq_of(&stream).map_or("nothing".into(), |n| format!("below {n}"))
+                )));
+            }
+            f.reserve_below(used_below)?;
+            f
+        }
+        Ok(None) => SeqFile::create(dir, used_below)?,
+        Err(e) => {
+            // Rewritten from what sled knows; the error was logged by `new_spool_floor` for
+            // a new spool, so only log it here for an existing one.
+            warn!(dir = %dir.display(), error = %e, used_below, "The seq reservation is unreadable; rewritten from the spool's counters.");
+            SeqFile::create(dir, used_below)?
+        }
+    })
+}
+
+/// Writes a small file and fsyncs it (not its directory).
+fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Opens sled's database in `settings.dir`, waiting briefly for its lock, and a handle of our
+/// own on sled's log file.
+fn open_sled(settings: &SpoolSettings) -> Result<(sled::Db, std::fs::File), SpoolError> {
+    let config = sled::Config::new()
+        .path(&settings.dir)
+        .cache_capacity(settings.cache_bytes)
+        // Commits flush explicitly; the background flush only makes lazy deletions durable.
+        .flush_every_ms(Some(1000));
+    // sled's lock outlives a dropped handle until its flusher thread ends (up to one flush
+    // period), so a reopen in the same process may have to wait for it briefly.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let db = loop {
+        match config.open() {
+            Ok(db) => break db,
+            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) if is_lock_error(&e) => {
+                return Err(SpoolError::Locked {
+                    dir: settings.dir.clone(),
+                });
+            }
+            Err(source) => {
+                return Err(SpoolError::Open {
+                    dir: settings.dir.clone(),
+                    source,
+                });
+            }
+        }
+    };
+    // Our own handle on sled's log, to fdatasync it after sled's flush (see `sync`).
+    let log =
+        std::fs::File::open(settings.dir.join(SLED_LOG)).map_err(|source| SpoolError::Open {
+            dir: settings.dir.clone(),
+            source: source.into(),
+        })?;
+    Ok((db, log))
 }
 
 /// Loss reports that wait at open: `drop_newest` ranges held back (in sled), and failures (in

@@ -185,7 +185,7 @@ mod tests {
     fn a_lingering_stream_does_not_hold_back_the_others() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(&SpoolSettings {
-            dir: dir.path().to_path_buf(),
+            dir: dir.path().join("spool"),
             max_bytes: 1 << 30,
             full_policy: FullPolicy::DropOldest,
             flush_interval: Duration::from_millis(10),
