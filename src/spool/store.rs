@@ -9,8 +9,8 @@ use super::badchunk::{self, StreamView};
 use super::chunk::{self, Header};
 use super::drain::{DrainRules, DrainState, Lane, Pick};
 use super::keys;
-use super::unreported::Unreported;
 use super::seqfile::{Quarantine, SeqFile, SeqFileError, sync_parent};
+use super::unreported::Unreported;
 use super::{Checkpoint, Intake, SpoolError};
 use crate::clock::{ClockSource, ClockState, SystemClock};
 use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
@@ -109,6 +109,15 @@ struct State {
 }
 
 impl State {
+    /// The commit of `generation`, whose counters are `counters`, is on stable storage: report
+    /// them, unless a later commit's sync finished first.
+    fn synced(&mut self, generation: u64, counters: Counters) {
+        if generation > self.reported_gen {
+            self.reported_gen = generation;
+            self.reported = counters;
+        }
+    }
+
     fn total_bytes(&self) -> u64 {
         self.metas.values().map(|m| m.bytes).sum()
     }
@@ -756,10 +765,7 @@ impl Spool {
         self.sync()?;
         {
             let mut state = self.lock();
-            if generation > state.reported_gen {
-                state.reported_gen = generation;
-                state.reported = counters;
-            }
+            state.synced(generation, counters);
             if !failures.is_empty() {
                 state.failures.reported(&failures, failures_collected);
             }
@@ -913,8 +919,11 @@ impl Spool {
         }
         let mut state = self.lock();
         for (stream, n) in &per_stream {
+            let loss = Loss::new(stream, reason, *n);
             state.counters.collected += n;
-            state.counters.count(&Loss::new(stream, reason, *n));
+            state.counters.count(&loss);
+            // Durable at once (the side file is fsynced below), so reported at once.
+            state.reported.count(&loss);
         }
         state.failures.note(
             per_stream.into_iter().map(|(s, n)| (s.to_string(), n)),
@@ -1209,13 +1218,19 @@ impl Spool {
         }
         batch.insert(keys::COUNTERS, encode_meta(&counters));
         batch.insert(keys::GLOBAL, encode_meta(&global));
+        // The loss record takes a seq: no seq reaches the tree before its reservation.
+        let next_seq = metas.values().map(|m| m.next_seq).max().unwrap_or(0);
+        state.seq.reserve_below(next_seq)?;
         self.inner.tree.apply_batch(batch)?;
         state.metas = metas;
         state.ids = ids;
         state.global = global;
-        state.counters = counters;
+        state.counters = counters.clone();
+        state.applied_gen += 1;
+        let generation = state.applied_gen;
         drop(state);
-        self.inner.tree.flush()?;
+        self.sync()?;
+        self.lock().synced(generation, counters);
         let readable = global.next_chunk_id;
         self.inner
             .readable_below
