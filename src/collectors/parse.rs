@@ -29,7 +29,7 @@
 
 use super::common::{LossReason, LossTally, Tags, tag_body};
 use super::lines::Frame;
-use crate::config::Issue;
+use crate::issue::Issue;
 use crate::record::{Body, Reading, Value, now_ms};
 use serde::Deserialize;
 use std::collections::BTreeMap;

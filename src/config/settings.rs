@@ -1,10 +1,10 @@
 //! The validated, frozen configuration and the checks that produce it.
 
-use super::Issue;
 use super::raw::{
     FullPolicy, ParamKind, RawCommands, RawCompression, RawConfig, RawStream, RawUplink,
 };
 use crate::collectors::CollectorConfig;
+use crate::issue::Issue;
 use crate::record::{COMMANDS_STREAM, LOSS_STREAM, is_valid_stream_name};
 use crate::spool::{DrainRules, Lane, LaneWeights, StreamDrain};
 use crate::wire::{Compression, Format};
