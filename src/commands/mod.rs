@@ -21,9 +21,10 @@ pub mod actions;
 pub mod ledger;
 pub mod request;
 
+use crate::clock::now_ms;
 use crate::config::{ActionSettings, CommandSettings};
 use crate::lifecycle::control::Control;
-use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, now_ms};
+use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading};
 use crate::spool::Intake;
 use crate::uplink::{AckRequest, CommandDelivery};
 use hmac::{Hmac, Mac};

@@ -406,7 +406,7 @@ impl Running {
             tokio::task::spawn_blocking(move || (spool.stats(), spool.oldest_committed_ms()))
                 .await
                 .unwrap_or_default();
-        let now = crate::record::now_ms();
+        let now = crate::clock::now_ms();
         let u = &self.uplink_stats;
         let s = &self.config.uplink;
         serde_json::json!({

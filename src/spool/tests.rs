@@ -330,7 +330,7 @@ fn corrupt_and_reopen(damage: impl Fn(&std::path::Path)) {
     }
     std::thread::sleep(Duration::from_millis(1100)); // sled's flusher releases the lock
     damage(&s.dir);
-    let before = crate::record::now_ms() * 1000;
+    let before = crate::clock::now_ms() * 1000;
     let spool = Spool::open(&s).expect("a corrupt spool is replaced, not an error");
     let moved: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

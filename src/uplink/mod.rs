@@ -24,10 +24,9 @@ mod prepare;
 pub mod tls;
 
 use crate::backoff::Backoff;
-use crate::clock::ClockSource;
+use crate::clock::{ClockSource, now_ms};
 use crate::config::{StreamSettings, UplinkSettings};
 use crate::lifecycle::watchdog::{Heartbeat, TICK};
-use crate::record::now_ms;
 use crate::spool::{DrainState, Pick, Spool};
 use budget::{Budget, BudgetStats};
 use inflight::{Bind, Inflight, Tag};

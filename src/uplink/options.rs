@@ -43,7 +43,7 @@ pub fn status_payload(state: &str, boot: &str) -> Vec<u8> {
         "state": state,
         "version": crate::VERSION,
         "boot": boot,
-        "ts": crate::record::now_ms(),
+        "ts": crate::clock::now_ms(),
     })
     .to_string()
     .into_bytes()

@@ -6,8 +6,9 @@
 use super::Sent;
 use super::options::Topics;
 use super::payload::{self, Origin};
+use crate::clock::now_ms;
 use crate::config::StreamSettings;
-use crate::record::{COMMANDS_STREAM, now_ms};
+use crate::record::COMMANDS_STREAM;
 use crate::spool::{DrainState, Lane, Pick, Spool};
 use std::collections::HashMap;
 use std::sync::Arc;
