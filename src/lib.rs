@@ -26,6 +26,8 @@ pub mod clock;
 pub mod collectors;
 pub mod commands;
 pub mod config;
+pub mod control;
+pub mod heartbeat;
 pub mod issue;
 pub mod lifecycle;
 pub mod record;

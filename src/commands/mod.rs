@@ -23,7 +23,7 @@ pub mod request;
 
 use crate::clock::now_ms;
 use crate::config::{ActionSettings, CommandSettings};
-use crate::lifecycle::control::Control;
+use crate::control::Control;
 use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading};
 use crate::spool::Intake;
 use crate::uplink::{AckRequest, CommandDelivery};

@@ -26,7 +26,7 @@ pub mod tls;
 use crate::backoff::Backoff;
 use crate::clock::{ClockSource, now_ms};
 use crate::config::{StreamSettings, UplinkSettings};
-use crate::lifecycle::watchdog::{Heartbeat, TICK};
+use crate::heartbeat::{Heartbeat, TICK};
 use crate::spool::{DrainState, Pick, Spool};
 use budget::{Budget, BudgetStats};
 use inflight::{Bind, Inflight, Tag};
