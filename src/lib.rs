@@ -24,6 +24,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod collectors;
+pub mod command_link;
 pub mod commands;
 pub mod config;
 pub mod control;

@@ -22,11 +22,11 @@ pub mod ledger;
 pub mod request;
 
 use crate::clock::now_ms;
+use crate::command_link::{AckRequest, CommandDelivery};
 use crate::config::{ActionSettings, CommandSettings};
 use crate::control::Control;
 use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading};
 use crate::spool::Intake;
-use crate::uplink::{AckRequest, CommandDelivery};
 use hmac::{Hmac, Mac};
 use ledger::Ledger;
 use request::Request;

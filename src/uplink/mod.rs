@@ -25,6 +25,7 @@ pub mod tls;
 
 use crate::backoff::Backoff;
 use crate::clock::{ClockSource, now_ms};
+use crate::command_link::{AckRequest, CommandDelivery, CommandLink};
 use crate::config::{StreamSettings, UplinkSettings};
 use crate::heartbeat::{Heartbeat, TICK};
 use crate::spool::{DrainState, Pick, Spool};
@@ -34,7 +35,7 @@ use options::Topics;
 use payload::Origin;
 use prepare::PrepareJob;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, Publish, QoS,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS,
     SubscribeReasonCode,
 };
 use std::collections::HashMap;
@@ -74,27 +75,6 @@ pub struct UplinkStats {
     pub backoff_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub budget: Arc<BudgetStats>,
-}
-
-/// A command publish received in connection epoch `epoch`, not yet acknowledged.
-#[derive(Debug)]
-pub struct CommandDelivery {
-    pub epoch: u64,
-    pub publish: Publish,
-}
-
-/// The command service's request to PUBACK a delivery it has durably recorded. Ignored if the
-/// epoch has ended meanwhile: the broker then redelivers on the next connection.
-#[derive(Debug)]
-pub struct AckRequest {
-    pub epoch: u64,
-    pub publish: Publish,
-}
-
-/// The uplink's side of the command channel.
-pub struct CommandLink {
-    pub deliveries: mpsc::Sender<CommandDelivery>,
-    pub acks: mpsc::Receiver<AckRequest>,
 }
 
 /// Acknowledged chunks not deleted yet. Deleting is lazy by contract (a lost deletion only
