@@ -33,6 +33,7 @@ pub mod issue;
 pub mod lifecycle;
 pub mod record;
 pub mod spool;
+pub mod tls;
 pub mod uplink;
 pub mod wire;
 

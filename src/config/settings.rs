@@ -541,7 +541,7 @@ fn validate_uplink(
         let ca = resolve(base, &t.ca_file);
         match std::fs::read(&ca) {
             Ok(pem) => {
-                if let Err(e) = crate::uplink::tls::parse_ca(&pem) {
+                if let Err(e) = crate::tls::parse_ca(&pem) {
                     c.fail("uplink.tls.ca_file", format!("{}: {e}", ca.display()));
                 }
             }
@@ -556,7 +556,7 @@ fn validate_uplink(
                 c.readable("uplink.tls.cert_file", &cert);
                 c.readable("uplink.tls.key_file", &key);
                 if let (Ok(cp), Ok(kp)) = (std::fs::read(&cert), std::fs::read(&key))
-                    && let Err(e) = crate::uplink::tls::parse_client_identity(&cp, &kp)
+                    && let Err(e) = crate::tls::parse_client_identity(&cp, &kp)
                 {
                     c.fail("uplink.tls.cert_file", e.to_string());
                 }

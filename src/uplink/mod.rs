@@ -21,7 +21,6 @@ pub mod inflight;
 pub mod options;
 pub mod payload;
 mod prepare;
-pub mod tls;
 
 use crate::backoff::Backoff;
 use crate::clock::{ClockSource, now_ms};
