@@ -19,7 +19,6 @@
 pub mod budget;
 pub mod inflight;
 pub mod options;
-pub mod payload;
 mod prepare;
 
 use crate::backoff::Backoff;
@@ -28,10 +27,10 @@ use crate::command_link::{AckRequest, CommandDelivery, CommandLink};
 use crate::config::{StreamSettings, UplinkSettings};
 use crate::heartbeat::{Heartbeat, TICK};
 use crate::spool::{DrainState, Pick, Spool};
+use crate::wire::payload::Origin;
 use budget::{Budget, BudgetStats};
 use inflight::{Bind, Inflight, Tag};
 use options::Topics;
-use payload::Origin;
 use prepare::PrepareJob;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS,

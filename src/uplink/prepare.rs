@@ -5,11 +5,11 @@
 
 use super::Sent;
 use super::options::Topics;
-use super::payload::{self, Origin};
 use crate::clock::now_ms;
 use crate::config::StreamSettings;
 use crate::record::COMMANDS_STREAM;
 use crate::spool::{DrainState, Lane, Pick, Spool};
+use crate::wire::payload::{self, Origin};
 use std::collections::HashMap;
 use std::sync::Arc;
 
