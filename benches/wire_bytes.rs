@@ -14,8 +14,8 @@
 mod common;
 
 use ferry::collectors::deadband::{Deadband, DeadbandConfig};
+use ferry::record::ChunkData;
 use ferry::record::{Body, ClockState, Reading, Record, Value};
-use ferry::spool::ChunkData;
 use ferry::wire::payload::Origin;
 use ferry::wire::{self, Compression, Encoding, Format};
 use std::collections::BTreeMap;

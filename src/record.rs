@@ -68,6 +68,17 @@ impl Reading {
     }
 }
 
+/// A chunk of committed records of one stream, read back from the spool (the unit the spool
+/// stores and the uplink sends and acknowledges).
+#[derive(Debug, Clone)]
+pub struct ChunkData {
+    pub chunk_id: u64,
+    pub committed_ms: u64,
+    /// Encoded size in the spool, key included.
+    pub stored_bytes: usize,
+    pub records: Vec<Record>,
+}
+
 /// Whether `name` is usable as a stream name and MQTT topic level: 1-64 characters of
 /// `[A-Za-z0-9_.-]`.
 pub fn is_valid_stream_name(name: &str) -> bool {

@@ -46,9 +46,7 @@ mod store;
 pub mod writer;
 
 pub use drain::{DrainRules, DrainState, Lane, LaneWeights, Pick, StreamDrain};
-pub use store::{
-    Batch, ChunkData, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats,
-};
+pub use store::{Batch, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats};
 
 use crate::record::Reading;
 

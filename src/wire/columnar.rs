@@ -24,8 +24,8 @@
 
 use super::WireError;
 use super::payload::Origin;
+use crate::record::ChunkData;
 use crate::record::{Body, ClockState, Record, Value};
-use crate::spool::ChunkData;
 use ciborium::value::{Integer, Value as Cbor};
 use std::collections::HashMap;
 

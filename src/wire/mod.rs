@@ -21,8 +21,8 @@ pub mod columnar;
 pub mod payload;
 pub mod rowjson;
 
+use crate::record::ChunkData;
 use crate::record::Record;
-use crate::spool::ChunkData;
 use payload::Origin;
 use serde::Deserialize;
 use std::io::Read;
