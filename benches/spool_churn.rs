@@ -26,8 +26,8 @@ mod common;
 
 use common::suite::{dir_allocated_bytes, mb, prefill, verdict};
 use common::{dir_bytes, env_or, machine_header, tempdir};
-use ferry::config::{BatchLimits, FullPolicy, SpoolSettings};
 use ferry::spool::Spool;
+use ferry::spool::{BatchLimits, FullPolicy, SpoolSettings};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};

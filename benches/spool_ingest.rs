@@ -15,8 +15,8 @@
 mod common;
 
 use common::{dir_bytes, env_or, machine_header, median, sample_reading, scratch_base, tempdir};
-use ferry::config::{FullPolicy, SpoolSettings};
 use ferry::record::Reading;
+use ferry::spool::{FullPolicy, SpoolSettings};
 use ferry::spool::{Intake, Spool, chunk};
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -20,10 +20,10 @@
 pub mod actions;
 pub mod ledger;
 pub mod request;
+mod settings;
 
 use crate::clock::now_ms;
 use crate::command_link::{AckRequest, CommandDelivery};
-use crate::config::{ActionSettings, CommandSettings};
 use crate::control::Control;
 use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading};
 use crate::spool::Intake;
@@ -31,6 +31,7 @@ use hmac::{Hmac, Mac};
 use ledger::Ledger;
 use request::Request;
 use serde_json::{Value, json};
+pub use settings::{ActionSettings, CommandSettings, ParamKind, ParamSettings};
 use sha2::Sha256;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -7,17 +7,17 @@
 //!   issues, each with its key path and line/column.
 //! - [`Config`] is the validated form the rest of the agent uses. Relative paths in the file are
 //!   taken relative to the directory holding the file.
+//!
+//! Direction: every module owns its settings type (`spool::SpoolSettings`,
+//! `uplink::UplinkSettings`, `commands::CommandSettings`, `collectors::CollectorConfig`), and
+//! config only assembles and validates them. So config imports those modules and none of them
+//! imports config; only the lifecycle and `main` do (docs/ARCHITECTURE.md, "Layers").
 
 pub mod locate;
 pub mod raw;
 mod settings;
 
-pub use raw::{FullPolicy, ParamKind};
-pub use settings::{
-    ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, BudgetSettings,
-    ClockSettings, CommandSettings, Config, ParamSettings, SpoolSettings, StreamSettings,
-    TlsSettings, UplinkSettings,
-};
+pub use settings::{BUILTIN_COMMANDS, ClockSettings, Config};
 
 use crate::issue::{Issue, Position};
 use locate::Locator;

@@ -1,12 +1,14 @@
 //! The validated, frozen configuration and the checks that produce it.
 
-use super::raw::{
-    FullPolicy, ParamKind, RawCommands, RawCompression, RawConfig, RawStream, RawUplink,
-};
+use super::raw::{RawCommands, RawCompression, RawConfig, RawStream, RawUplink};
 use crate::collectors::CollectorConfig;
+use crate::commands::{ActionSettings, CommandSettings, ParamSettings};
 use crate::issue::Issue;
 use crate::record::{COMMANDS_STREAM, LOSS_STREAM, is_valid_stream_name};
-use crate::spool::{DrainRules, Lane, LaneWeights, StreamDrain};
+use crate::spool::{BatchLimits, DrainRules, Lane, LaneWeights, SpoolSettings, StreamDrain};
+use crate::uplink::{
+    AuthSettings, BackoffSettings, BudgetSettings, StreamSettings, TlsSettings, UplinkSettings,
+};
 use crate::wire::{Compression, Format};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,133 +35,6 @@ pub struct Config {
 pub struct ClockSettings {
     pub assume_synced: bool,
     pub sync_marker: PathBuf,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct CommandSettings {
-    pub enabled: bool,
-    pub require_signature: bool,
-    /// Key id -> file holding the shared secret (read when the command service starts).
-    pub keys: Vec<(String, PathBuf)>,
-    pub ledger_max_entries: usize,
-    pub ledger_max_age: Duration,
-    pub actions: Vec<ActionSettings>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ActionSettings {
-    pub name: String,
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub params: Vec<ParamSettings>,
-    pub timeout: Duration,
-    pub max_output_bytes: usize,
-    pub max_concurrent: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSettings {
-    pub name: String,
-    pub kind: ParamKind,
-    pub required: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpoolSettings {
-    pub dir: PathBuf,
-    pub max_bytes: u64,
-    pub full_policy: FullPolicy,
-    pub flush_interval: Duration,
-    pub flush_max_records: usize,
-    pub cache_bytes: u64,
-    pub min_free_bytes: u64,
-    /// Most records packed into one stored chunk (= the uplink's batch record limit, so a
-    /// chunk always fits in one message).
-    pub chunk_max_records: usize,
-    /// Most encoded bytes in one stored chunk. A chunk is the unit of acknowledgement, so it is
-    /// kept to a fraction of the batch byte limit: even when JSON inflates it, one chunk fits
-    /// in one message.
-    pub chunk_max_bytes: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct UplinkSettings {
-    pub host: String,
-    pub port: u16,
-    pub client_id: String,
-    pub topic_prefix: String,
-    pub device_id: String,
-    /// Zero disables keepalive pings.
-    pub keepalive: Duration,
-    pub connect_timeout: Duration,
-    pub max_packet_bytes: usize,
-    /// Batches in flight at once (published, PUBACK not yet seen).
-    pub window: usize,
-    /// Most payload bytes in flight at once (see `min_link_bytes_per_s`); at least one message
-    /// is always allowed.
-    pub inflight_bytes: Option<usize>,
-    pub batch: BatchLimits,
-    pub backoff: BackoffSettings,
-    pub shutdown_grace: Duration,
-    pub tls: Option<TlsSettings>,
-    pub auth: Option<AuthSettings>,
-    pub streams: StreamSettings,
-    pub budget: BudgetSettings,
-}
-
-/// How each stream is encoded and drained.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct StreamSettings {
-    /// Streams not named in `formats`.
-    pub default_format: Format,
-    pub formats: BTreeMap<String, Format>,
-    pub drain: DrainRules,
-}
-
-impl StreamSettings {
-    pub fn format(&self, stream: &str) -> Format {
-        self.formats
-            .get(stream)
-            .copied()
-            .unwrap_or(self.default_format)
-    }
-}
-
-/// Wire bytes (MQTT PUBLISH packets, headers included) allowed per period; `None` = no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct BudgetSettings {
-    /// Per UTC day.
-    pub daily_bytes: Option<u64>,
-    /// Per UTC calendar month.
-    pub monthly_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BatchLimits {
-    pub max_records: usize,
-    pub max_bytes: usize,
-    /// How long a batch that is not full waits for more records before it is sent.
-    pub linger: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BackoffSettings {
-    pub initial: Duration,
-    pub max: Duration,
-    /// A connection that stayed up this long resets the backoff to `initial`.
-    pub reset_after: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsSettings {
-    pub ca_file: PathBuf,
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuthSettings {
-    pub username: String,
-    pub password_file: Option<PathBuf>,
 }
 
 /// Ratio between the batch byte limit and the stored chunk byte limit; see

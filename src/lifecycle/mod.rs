@@ -118,7 +118,7 @@ struct Running {
     config_hash: String,
     log: LogHandle,
     supervisor: Supervisor,
-    uplink_settings: watch::Sender<config::UplinkSettings>,
+    uplink_settings: watch::Sender<crate::uplink::UplinkSettings>,
     uplink_stats: Arc<UplinkStats>,
     spool: Spool,
     boot: String,

@@ -42,10 +42,12 @@
 pub mod chunk;
 pub mod drain;
 pub mod keys;
+mod settings;
 mod store;
 pub mod writer;
 
 pub use drain::{DrainRules, DrainState, Lane, LaneWeights, Pick, StreamDrain};
+pub use settings::{BatchLimits, FullPolicy, SpoolSettings};
 pub use store::{Batch, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats};
 
 use crate::record::Reading;

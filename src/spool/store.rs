@@ -8,9 +8,9 @@
 use super::chunk::{self, Header};
 use super::drain::{DrainRules, DrainState, Lane, Pick};
 use super::keys;
+use super::{BatchLimits, FullPolicy, SpoolSettings};
 use super::{Checkpoint, Intake, SpoolError};
 use crate::clock::{ClockSource, ClockState, SystemClock, now_ms};
-use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
 use crate::record::{Body, COMMANDS_STREAM, ChunkData, LOSS_STREAM, Reading, Record, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

@@ -1,7 +1,7 @@
 //! Contract tests of the spool on a real sled database in a temp dir.
 
 use super::*;
-use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
+use super::{BatchLimits, FullPolicy, SpoolSettings};
 use crate::record::{Body, LOSS_STREAM, Reading, Value};
 use std::collections::HashMap;
 use std::time::Duration;

@@ -20,11 +20,11 @@ pub mod budget;
 pub mod inflight;
 pub mod options;
 mod prepare;
+mod settings;
 
 use crate::backoff::Backoff;
 use crate::clock::{ClockSource, now_ms};
 use crate::command_link::{AckRequest, CommandDelivery, CommandLink};
-use crate::config::{StreamSettings, UplinkSettings};
 use crate::heartbeat::{Heartbeat, TICK};
 use crate::spool::{DrainState, Pick, Spool};
 use crate::wire::payload::Origin;
@@ -35,6 +35,9 @@ use prepare::PrepareJob;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS,
     SubscribeReasonCode,
+};
+pub use settings::{
+    AuthSettings, BackoffSettings, BudgetSettings, StreamSettings, TlsSettings, UplinkSettings,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,7 +2,7 @@
 //! defaults wrongly for slow links: connect/flush timeout (default 5 s), packet size limits
 //! (default 10 KiB), keepalive, session persistence, in-flight limit, last will.
 
-use crate::config::UplinkSettings;
+use super::UplinkSettings;
 use crate::tls::{self, TlsError};
 use rumqttc::{LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport};
 use std::time::Duration;
