@@ -6,7 +6,7 @@
 //!   and the bench's broker. Time runs from process start until a subscriber has seen every
 //!   seq. While it drains, its VmRSS is sampled and its VmHWM read at the end.
 //! - **baseline:** the same messages, byte for byte except the boot id (the batches ferry sends,
-//!   computed with `Spool::next_batch` and `uplink::payload::encode` exactly as the uplink does),
+//!   computed with `Spool::next_batch` and `wire::payload::encode` exactly as the uplink does),
 //!   published from this process by one rumqttc client with ferry's options (window of
 //!   `uplink.window` messages, rumqttc in-flight limit from `uplink::options::rumqttc_inflight`),
 //!   to the same subscriber. It has no spool reads, JSON encoding or deletions: it is what MQTT
@@ -27,7 +27,7 @@ use common::{
 use ferry::config::Config;
 use ferry::spool::Spool;
 use ferry::uplink::options::{Topics, rumqttc_inflight};
-use ferry::uplink::payload::{self, Origin};
+use ferry::wire::payload::{self, Origin};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

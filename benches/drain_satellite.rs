@@ -30,7 +30,7 @@ use common::{
 use ferry::config::Config;
 use ferry::spool::Spool;
 use ferry::uplink::options::Topics;
-use ferry::uplink::payload::{self, Origin};
+use ferry::wire::payload::{self, Origin};
 use proxy::{Direction, Proxy};
 use std::collections::HashMap;
 use std::path::Path;

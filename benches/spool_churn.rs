@@ -26,8 +26,8 @@ mod common;
 
 use common::suite::{dir_allocated_bytes, mb, prefill, verdict};
 use common::{dir_bytes, env_or, machine_header, tempdir};
-use ferry::config::{BatchLimits, FullPolicy, SpoolSettings};
 use ferry::spool::Spool;
+use ferry::spool::{BatchLimits, FullPolicy, SpoolSettings};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -45,7 +45,7 @@ fn settings(dir: &Path, cap: u64) -> SpoolSettings {
         cache_bytes: 4 << 20,
         min_free_bytes: 16 << 20,
         chunk_max_records: 500,
-        chunk_max_bytes: ((64 << 10) / 8).min(ferry::config::CHUNK_MAX_BYTES_CAP as usize),
+        chunk_max_bytes: ((64 << 10) / 8).min(ferry::spool::CHUNK_MAX_BYTES_CAP as usize),
     }
 }
 

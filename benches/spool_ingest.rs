@@ -16,8 +16,8 @@
 mod common;
 
 use common::{dir_bytes, env_or, machine_header, median, sample_reading, scratch_base, tempdir};
-use ferry::config::{FullPolicy, SpoolSettings};
 use ferry::record::Reading;
+use ferry::spool::{FullPolicy, SpoolSettings};
 use ferry::spool::{Intake, Spool, chunk};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ fn settings(dir: &Path) -> SpoolSettings {
         cache_bytes: 4 << 20,
         min_free_bytes: 16 << 20,
         chunk_max_records: 500,
-        chunk_max_bytes: ((64 << 10) / 8).min(ferry::config::CHUNK_MAX_BYTES_CAP as usize),
+        chunk_max_bytes: ((64 << 10) / 8).min(ferry::spool::CHUNK_MAX_BYTES_CAP as usize),
     }
 }
 

@@ -14,9 +14,9 @@
 mod common;
 
 use ferry::collectors::deadband::{Deadband, DeadbandConfig};
+use ferry::record::ChunkData;
 use ferry::record::{Body, ClockState, Reading, Record, Value};
-use ferry::spool::ChunkData;
-use ferry::uplink::payload::Origin;
+use ferry::wire::payload::Origin;
 use ferry::wire::{self, Compression, Encoding, Format};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

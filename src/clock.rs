@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Clock quality of one record's `ts`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -120,7 +120,7 @@ fn fnv32(bytes: &[u8]) -> u32 {
 
 impl ClockSource for SystemClock {
     fn now_ms(&self) -> u64 {
-        crate::record::now_ms()
+        now_ms()
     }
 
     fn uptime_ms(&self) -> u64 {
@@ -183,6 +183,14 @@ impl ClockSource for ManualClock {
     fn synced(&self) -> bool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).2
     }
+}
+
+/// Wall-clock time in ms since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -145,7 +145,7 @@ impl Loss {
     pub fn to_reading(&self) -> Reading {
         Reading {
             stream: LOSS_STREAM.to_string(),
-            ts_ms: crate::record::now_ms(),
+            ts_ms: crate::clock::now_ms(),
             body: self.to_body(),
         }
     }

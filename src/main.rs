@@ -393,7 +393,7 @@ fn spool(command: SpoolCommand) -> ExitCode {
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut write_error = None;
             let result = spool.for_each_record(&stream, |r| {
-                match writeln!(out, "{}", ferry::uplink::payload::export_line(&stream, r)) {
+                match writeln!(out, "{}", ferry::wire::payload::export_line(&stream, r)) {
                     Ok(()) => true,
                     Err(e) => {
                         write_error = Some(e);

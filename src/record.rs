@@ -7,8 +7,8 @@
 //! (same stream and seq) without any help from the broker.
 
 pub use crate::clock::ClockState;
+use crate::clock::now_ms;
 use serde::{Deserialize, Serialize};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Stream on which the spool reports every record it had to drop, with the reason.
 pub const LOSS_STREAM: &str = "ferry.loss";
@@ -68,12 +68,15 @@ impl Reading {
     }
 }
 
-/// Wall-clock time in ms since the Unix epoch (0 if the clock is before 1970).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// A chunk of committed records of one stream, read back from the spool (the unit the spool
+/// stores and the uplink sends and acknowledges).
+#[derive(Debug, Clone)]
+pub struct ChunkData {
+    pub chunk_id: u64,
+    pub committed_ms: u64,
+    /// Encoded size in the spool, key included.
+    pub stored_bytes: usize,
+    pub records: Vec<Record>,
 }
 
 /// Whether `name` is usable as a stream name and MQTT topic level: 1-64 characters of

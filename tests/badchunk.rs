@@ -6,7 +6,7 @@ mod common;
 use common::agent::{Agent, AgentConfig};
 use common::broker::{Broker, BrokerOpts};
 use common::subscriber::Subscriber;
-use ferry::config::BatchLimits;
+use ferry::spool::BatchLimits;
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -12,7 +12,7 @@
 //!   records, not thousands. The spool never evicts loss records, so a source that can send
 //!   garbage without end (serial) reports at most once per window ([`LossTally::drain_due`]).
 
-use crate::config::Issue;
+use crate::issue::Issue;
 use crate::loss::Loss;
 use crate::record::{Body, Reading, Value};
 

@@ -27,7 +27,7 @@
 //! - A reading whose every field was suppressed is dropped whole ([`Deadband::apply`] returns
 //!   `None`). A reading of a raw line ([`Body::Line`]) or with no fields passes untouched.
 
-use crate::config::Issue;
+use crate::issue::Issue;
 use crate::record::{Body, Reading, Value};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};

@@ -30,7 +30,7 @@ pub mod serial;
 pub mod supervisor;
 pub mod system;
 
-use crate::config::Issue;
+use crate::issue::Issue;
 use crate::spool::Intake;
 use std::future::Future;
 use std::pin::Pin;

@@ -29,8 +29,9 @@
 
 use super::common::{LossReason, LossTally, Tags, tag_body};
 use super::lines::Frame;
-use crate::config::Issue;
-use crate::record::{Body, Reading, Value, now_ms};
+use crate::clock::now_ms;
+use crate::issue::Issue;
+use crate::record::{Body, Reading, Value};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 

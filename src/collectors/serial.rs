@@ -22,7 +22,7 @@ use super::common::{Tags, validate_tags};
 use super::lines::{Frame, LineSplitter};
 use super::parse::{self, FormatConfig, LineDecoder, Parser};
 use super::{Collector, CollectorContext, CollectorError, CollectorSpec, RunFuture};
-use crate::config::Issue;
+use crate::issue::Issue;
 use crate::spool::Intake;
 use serde::Deserialize;
 use std::time::Duration;

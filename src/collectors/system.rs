@@ -11,7 +11,7 @@
 //! - Sampling reads /proc and /sys synchronously; it runs on the blocking pool.
 
 use super::{Collector, CollectorContext, CollectorError, CollectorSpec, RunFuture};
-use crate::config::Issue;
+use crate::issue::Issue;
 use crate::record::{Reading, Value};
 use crate::spool::Intake;
 use serde::Deserialize;

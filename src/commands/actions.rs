@@ -10,7 +10,7 @@
 //!   stdin; stdout and stderr are captured up to `max_output_bytes` each. On timeout the whole
 //!   process group is killed.
 
-use crate::config::{ActionSettings, ParamKind};
+use super::{ActionSettings, ParamKind};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Map, Value};
@@ -150,7 +150,7 @@ async fn read_capped<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> (Vec<u8>, bo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ParamSettings;
+    use crate::commands::ParamSettings;
     use std::time::Duration;
 
     fn action(program: &str, args: &[&str], timeout_ms: u64) -> ActionSettings {

@@ -20,17 +20,19 @@
 pub mod actions;
 pub mod ledger;
 pub mod request;
+mod settings;
 
-use crate::config::{ActionSettings, CommandSettings};
-use crate::lifecycle::control::Control;
+use crate::clock::now_ms;
+use crate::command_link::{AckRequest, CommandDelivery};
+use crate::control::Control;
 use crate::loss::{Loss, LossReason};
-use crate::record::{Body, COMMANDS_STREAM, Reading, now_ms};
+use crate::record::{Body, COMMANDS_STREAM, Reading};
 use crate::spool::Intake;
-use crate::uplink::{AckRequest, CommandDelivery};
 use hmac::{Hmac, Mac};
 use ledger::Ledger;
 use request::Request;
 use serde_json::{Value, json};
+pub use settings::{ActionSettings, CommandSettings, ParamKind, ParamSettings};
 use sha2::Sha256;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -8,12 +8,7 @@
 
 use std::collections::HashMap;
 
-/// 1-based line and column of a key in the source text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub line: usize,
-    pub column: usize,
-}
+use crate::issue::Position;
 
 /// Index of every key path found in a YAML text.
 pub struct Locator {

@@ -7,45 +7,25 @@
 //!   issues, each with its key path and line/column.
 //! - [`Config`] is the validated form the rest of the agent uses. Relative paths in the file are
 //!   taken relative to the directory holding the file.
+//!
+//! Direction: every module owns its settings type (`spool::SpoolSettings`,
+//! `uplink::UplinkSettings`, `commands::CommandSettings`, `collectors::CollectorConfig`), and
+//! config only assembles and validates them. So config imports those modules and none of them
+//! imports config; only the lifecycle and `main` do (docs/ARCHITECTURE.md, "Layers").
 
 pub mod locate;
 pub mod raw;
 mod settings;
 
-pub use raw::{FullPolicy, ParamKind};
-pub use settings::{
-    ActionSettings, AuthSettings, BUILTIN_COMMANDS, BackoffSettings, BatchLimits, BudgetSettings,
-    CHUNK_MAX_BYTES_CAP, ClockSettings, CommandSettings, Config, ParamSettings, SpoolSettings,
-    StreamSettings, TlsSettings, UplinkSettings,
-};
+pub use settings::{BUILTIN_COMMANDS, ClockSettings, Config};
 
-use locate::{Locator, Position};
-use std::fmt;
+use crate::issue::{Issue, Position};
+use locate::Locator;
 use std::path::{Path, PathBuf};
 
 /// Exit code for a configuration error (sysexits EX_CONFIG); systemd's
 /// `RestartPreventExitStatus=78` keeps a bad config from crash-looping.
 pub const EXIT_CONFIG: i32 = 78;
-
-/// One problem found in a config file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Issue {
-    /// Key path such as `uplink.tls.ca_file` or `collectors[0].interval_ms`; empty for the
-    /// document as a whole.
-    pub path: String,
-    pub message: String,
-    pub position: Option<Position>,
-}
-
-impl Issue {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Issue {
-        Issue {
-            path: path.into(),
-            message: message.into(),
-            position: None,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -90,12 +70,6 @@ fn render_issues(file: &Path, issues: &[Issue]) -> String {
         .map(|i| render_issue(file, i))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-impl fmt::Display for Issue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
 }
 
 /// Reads, parses and validates the config file at `path`.

@@ -1,6 +1,8 @@
 //! What the YAML file says, before validation. Every struct rejects unknown keys, so a typo
 //! such as `tsl:` is an error instead of a silent default. Units are in the key names.
 
+use crate::commands::ParamKind;
+use crate::spool::FullPolicy;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -52,17 +54,6 @@ pub struct RawSpool {
     /// counted (reason `disk_full`) instead of risking ENOSPC inside sled.
     #[serde(default = "defaults::min_free_bytes")]
     pub min_free_bytes: u64,
-}
-
-/// What the spool does when a commit would take it past `max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FullPolicy {
-    /// Evict the oldest records (of any stream but `ferry.loss`) to make room.
-    #[default]
-    DropOldest,
-    /// Keep what is stored; the new records are dropped (their seqs are still used up).
-    DropNewest,
 }
 
 #[derive(Debug, Deserialize)]
@@ -316,15 +307,6 @@ pub struct RawParam {
     pub kind: ParamKind,
     #[serde(default)]
     pub required: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamKind {
-    /// Letters, digits and `_ . - : / @ +`, at most 256 characters (no spaces, no shell syntax).
-    String,
-    Integer,
-    Bool,
 }
 
 /// Defaults, in one place so docs and code agree.

@@ -1,12 +1,14 @@
 //! The validated, frozen configuration and the checks that produce it.
 
-use super::Issue;
-use super::raw::{
-    FullPolicy, ParamKind, RawCommands, RawCompression, RawConfig, RawStream, RawUplink,
-};
+use super::raw::{RawCommands, RawCompression, RawConfig, RawStream, RawUplink};
 use crate::collectors::CollectorConfig;
+use crate::commands::{ActionSettings, CommandSettings, ParamSettings};
+use crate::issue::Issue;
 use crate::record::{COMMANDS_STREAM, LOSS_STREAM, is_valid_stream_name};
-use crate::spool::{DrainRules, Lane, LaneWeights, StreamDrain};
+use crate::spool::{BatchLimits, DrainRules, Lane, LaneWeights, SpoolSettings, StreamDrain};
+use crate::uplink::{
+    AuthSettings, BackoffSettings, BudgetSettings, StreamSettings, TlsSettings, UplinkSettings,
+};
 use crate::wire::{Compression, Format};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,143 +37,9 @@ pub struct ClockSettings {
     pub sync_marker: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct CommandSettings {
-    pub enabled: bool,
-    pub require_signature: bool,
-    /// Key id -> file holding the shared secret (read when the command service starts).
-    pub keys: Vec<(String, PathBuf)>,
-    pub ledger_max_entries: usize,
-    pub ledger_max_age: Duration,
-    pub actions: Vec<ActionSettings>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ActionSettings {
-    pub name: String,
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub params: Vec<ParamSettings>,
-    pub timeout: Duration,
-    pub max_output_bytes: usize,
-    pub max_concurrent: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSettings {
-    pub name: String,
-    pub kind: ParamKind,
-    pub required: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpoolSettings {
-    pub dir: PathBuf,
-    pub max_bytes: u64,
-    pub full_policy: FullPolicy,
-    pub flush_interval: Duration,
-    pub flush_max_records: usize,
-    pub cache_bytes: u64,
-    pub min_free_bytes: u64,
-    /// Most records packed into one stored chunk (= the uplink's batch record limit, so a
-    /// chunk always fits in one message).
-    pub chunk_max_records: usize,
-    /// Most encoded bytes in one stored chunk (a single larger record is a chunk of its own). A
-    /// chunk is the unit of acknowledgement, so it is kept to a fraction of the batch byte
-    /// limit: even when JSON inflates it, one chunk fits in one message. At most
-    /// [`CHUNK_MAX_BYTES_CAP`], so sled keeps its pages inline in its log.
-    pub chunk_max_bytes: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct UplinkSettings {
-    pub host: String,
-    pub port: u16,
-    pub client_id: String,
-    pub topic_prefix: String,
-    pub device_id: String,
-    /// Zero disables keepalive pings.
-    pub keepalive: Duration,
-    pub connect_timeout: Duration,
-    pub max_packet_bytes: usize,
-    /// Batches in flight at once (published, PUBACK not yet seen).
-    pub window: usize,
-    /// Most payload bytes in flight at once (see `min_link_bytes_per_s`); at least one message
-    /// is always allowed.
-    pub inflight_bytes: Option<usize>,
-    pub batch: BatchLimits,
-    pub backoff: BackoffSettings,
-    pub shutdown_grace: Duration,
-    pub tls: Option<TlsSettings>,
-    pub auth: Option<AuthSettings>,
-    pub streams: StreamSettings,
-    pub budget: BudgetSettings,
-}
-
-/// How each stream is encoded and drained.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct StreamSettings {
-    /// Streams not named in `formats`.
-    pub default_format: Format,
-    pub formats: BTreeMap<String, Format>,
-    pub drain: DrainRules,
-}
-
-impl StreamSettings {
-    pub fn format(&self, stream: &str) -> Format {
-        self.formats
-            .get(stream)
-            .copied()
-            .unwrap_or(self.default_format)
-    }
-}
-
-/// Wire bytes (MQTT PUBLISH packets, headers included) allowed per period; `None` = no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct BudgetSettings {
-    /// Per UTC day.
-    pub daily_bytes: Option<u64>,
-    /// Per UTC calendar month.
-    pub monthly_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BatchLimits {
-    pub max_records: usize,
-    pub max_bytes: usize,
-    /// How long a batch that is not full waits for more records before it is sent.
-    pub linger: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BackoffSettings {
-    pub initial: Duration,
-    pub max: Duration,
-    /// A connection that stayed up this long resets the backoff to `initial`.
-    pub reset_after: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsSettings {
-    pub ca_file: PathBuf,
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuthSettings {
-    pub username: String,
-    pub password_file: Option<PathBuf>,
-}
-
 /// Ratio between the batch byte limit and the stored chunk byte limit; see
 /// [`SpoolSettings::chunk_max_bytes`].
 const CHUNK_FRACTION: u64 = 8;
-/// Upper bound of the stored chunk byte limit, whatever the batch limit: sled 0.34 writes a
-/// page larger than a quarter of its 512 KiB segment (about 128 KiB) to a separate blob file,
-/// which costs two fsyncs (vendor/sled/FERRY-PATCHES.md), and a leaf page holds up to 17
-/// values (it splits by count, above 16). 17 chunks of 6 KiB plus keys stay near 105 KiB, so
-/// only a single record larger than this makes a blob. Measured in `benches/spool_ingest.rs`.
-pub const CHUNK_MAX_BYTES_CAP: u64 = 6 << 10;
 /// Room for the MQTT fixed header and topic beyond a batch's payload.
 const PACKET_OVERHEAD_BYTES: u64 = 1024;
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
@@ -256,7 +124,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
         min_free_bytes: s.min_free_bytes,
         chunk_max_records: uplink.batch.max_records,
         chunk_max_bytes: (uplink.batch.max_bytes as u64 / CHUNK_FRACTION)
-            .clamp(512, CHUNK_MAX_BYTES_CAP) as usize,
+            .clamp(512, crate::spool::CHUNK_MAX_BYTES_CAP) as usize,
     };
 
     let commands = validate_commands(&mut c, &raw.commands, base);
@@ -549,7 +417,7 @@ fn validate_uplink(
         let ca = resolve(base, &t.ca_file);
         match std::fs::read(&ca) {
             Ok(pem) => {
-                if let Err(e) = crate::uplink::tls::parse_ca(&pem) {
+                if let Err(e) = crate::tls::parse_ca(&pem) {
                     c.fail("uplink.tls.ca_file", format!("{}: {e}", ca.display()));
                 }
             }
@@ -564,7 +432,7 @@ fn validate_uplink(
                 c.readable("uplink.tls.cert_file", &cert);
                 c.readable("uplink.tls.key_file", &key);
                 if let (Ok(cp), Ok(kp)) = (std::fs::read(&cert), std::fs::read(&key))
-                    && let Err(e) = crate::uplink::tls::parse_client_identity(&cp, &kp)
+                    && let Err(e) = crate::tls::parse_client_identity(&cp, &kp)
                 {
                     c.fail("uplink.tls.cert_file", e.to_string());
                 }

@@ -2,7 +2,7 @@
 //!
 //! Start: logging, then config (exit 78 on a bad one), then the spool is opened, the writer,
 //! the uplink and the command service start, then the collectors, then `READY=1` goes to
-//! systemd. The lifecycle loop then serves [`control::Request`]s (remote commands, SIGHUP)
+//! systemd. The lifecycle loop then serves [`crate::control::Request`]s (remote commands, SIGHUP)
 //! until a stop signal.
 //!
 //! Reload (SIGHUP or `reload_config`): the file is validated first; a bad file changes nothing
@@ -20,21 +20,21 @@
 //!
 //! A second SIGTERM/SIGINT exits at once: whatever was committed is already durable.
 
-pub mod control;
 pub mod logging;
 pub mod self_metrics;
 pub mod signals;
 pub mod status_socket;
-pub mod watchdog;
 
 use crate::clock::{ClockSource, SystemClock};
 use crate::collectors::Positions;
 use crate::collectors::supervisor::Supervisor;
+use crate::command_link::CommandLink;
 use crate::commands::CommandService;
 use crate::config::{self, Config};
+use crate::control::{Control, Request};
+use crate::heartbeat::{self, Heartbeat};
 use crate::spool::{Spool, writer};
-use crate::uplink::{CommandLink, Uplink, UplinkStats};
-use control::{Control, Request};
+use crate::uplink::{Uplink, UplinkStats};
 use logging::LogHandle;
 use sha2::Digest;
 use std::sync::Arc;
@@ -118,7 +118,7 @@ struct Running {
     config_hash: String,
     log: LogHandle,
     supervisor: Supervisor,
-    uplink_settings: watch::Sender<config::UplinkSettings>,
+    uplink_settings: watch::Sender<crate::uplink::UplinkSettings>,
     uplink_stats: Arc<UplinkStats>,
     spool: Spool,
     boot: String,
@@ -146,7 +146,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
     spool.set_clock(clock.clone());
 
     let (intake, intake_rx) = writer::channel();
-    let writer_beat = watchdog::Heartbeat::new("spool writer");
+    let writer_beat = Heartbeat::new("spool writer");
     let writer_task = tokio::spawn(writer::run(
         spool.clone(),
         intake_rx,
@@ -294,7 +294,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
 
 impl Running {
     /// Sends STATUS= and, while every critical task is alive, WATCHDOG=1.
-    fn notify_alive(&self, beats: &[watchdog::Heartbeat], watchdog: bool, stale_after: Duration) {
+    fn notify_alive(&self, beats: &[Heartbeat], watchdog: bool, stale_after: Duration) {
         let stats = self.spool.stats();
         let link = if self.uplink_stats.connected.load(Ordering::Relaxed) {
             "connected"
@@ -309,7 +309,7 @@ impl Running {
         if !watchdog {
             return;
         }
-        match watchdog::stalled(beats, stale_after) {
+        match heartbeat::stalled(beats, stale_after) {
             None => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
@@ -406,7 +406,7 @@ impl Running {
             tokio::task::spawn_blocking(move || (spool.stats(), spool.oldest_committed_ms()))
                 .await
                 .unwrap_or_default();
-        let now = crate::record::now_ms();
+        let now = crate::clock::now_ms();
         let u = &self.uplink_stats;
         let s = &self.config.uplink;
         serde_json::json!({

@@ -2,7 +2,7 @@
 //! numbers of the status document (connection, spool per stream, collector restarts),
 //! flattened to fields such as `spool.bytes` or `spool.system.records`.
 
-use super::control::Control;
+use crate::control::Control;
 use crate::record::{Reading, Value};
 use crate::spool::Intake;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! - SIGHUP reloads the config through the lifecycle loop (validated first; a bad file keeps
 //!   the running config and its errors are logged).
 
-use super::control::Control;
+use crate::control::Control;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tokio_util::sync::CancellationToken;

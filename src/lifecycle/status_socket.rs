@@ -5,7 +5,7 @@
 //! the service user and root). A stale socket file from a killed agent is replaced; a socket
 //! another agent still answers on is an error (two agents must not share a spool anyway).
 
-use super::control::Control;
+use crate::control::Control;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -80,14 +80,14 @@ pub mod drain;
 pub mod keys;
 pub mod probe;
 pub mod seqfile;
+mod settings;
 mod store;
 mod unreported;
 pub mod writer;
 
 pub use drain::{DrainRules, DrainState, Lane, LaneWeights, Pick, StreamDrain};
-pub use store::{
-    Batch, ChunkData, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats,
-};
+pub use settings::{BatchLimits, CHUNK_MAX_BYTES_CAP, FullPolicy, SpoolSettings};
+pub use store::{Batch, CommitSummary, Counters, Spool, SpoolStats, StreamReport, StreamStats};
 
 use crate::record::Reading;
 

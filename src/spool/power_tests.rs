@@ -4,8 +4,8 @@
 
 use super::seqfile::{Quarantine, RESERVE_BLOCK, SeqFile};
 use super::*;
-use crate::config::{FullPolicy, SpoolSettings};
 use crate::record::{Body, LOSS_STREAM, Reading, Value};
+use crate::spool::{FullPolicy, SpoolSettings};
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ fn settings(dir: &Path) -> SpoolSettings {
         min_free_bytes: 0,
         chunk_max_records: 500,
         // What `config::load` derives from the default `uplink.batch.max_bytes` (64 KiB).
-        chunk_max_bytes: crate::config::CHUNK_MAX_BYTES_CAP as usize,
+        chunk_max_bytes: crate::spool::CHUNK_MAX_BYTES_CAP as usize,
     }
 }
 
@@ -229,7 +229,7 @@ fn ingesting_many_default_chunks_never_makes_sled_write_a_blob() {
             let batch = spool
                 .next_batch(
                     &Default::default(),
-                    &crate::config::BatchLimits {
+                    &crate::spool::BatchLimits {
                         max_records: 200,
                         max_bytes: usize::MAX,
                         linger: Duration::ZERO,

@@ -11,11 +11,11 @@ use super::drain::{DrainRules, DrainState, Lane, Pick};
 use super::keys;
 use super::seqfile::{Quarantine, SeqFile, SeqFileError, sync_parent};
 use super::unreported::Unreported;
+use super::{BatchLimits, FullPolicy, SpoolSettings};
 use super::{Checkpoint, Intake, SpoolError};
-use crate::clock::{ClockSource, ClockState, SystemClock};
-use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
+use crate::clock::{ClockSource, ClockState, SystemClock, now_ms};
 use crate::loss::{Loss, LossReason};
-use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, Record, Value, now_ms};
+use crate::record::{Body, COMMANDS_STREAM, ChunkData, LOSS_STREAM, Reading, Record, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,16 +151,6 @@ pub struct CommitSummary {
     pub evicted: u64,
     /// New records not stored for lack of room (`drop_newest`).
     pub dropped: u64,
-}
-
-/// Decoded chunk handed to the uplink.
-#[derive(Debug, Clone)]
-pub struct ChunkData {
-    pub chunk_id: u64,
-    pub committed_ms: u64,
-    /// Encoded size in the spool, key included.
-    pub stored_bytes: usize,
-    pub records: Vec<Record>,
 }
 
 /// Consecutive chunks of one stream, oldest first.

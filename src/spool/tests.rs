@@ -2,7 +2,7 @@
 
 use super::badchunk;
 use super::*;
-use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
+use super::{BatchLimits, FullPolicy, SpoolSettings};
 use crate::record::{Body, LOSS_STREAM, Reading, Value};
 use std::collections::HashMap;
 use std::time::Duration;

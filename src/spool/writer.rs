@@ -9,7 +9,7 @@
 //! at shutdown whatever collectors handed over is committed before the spool is flushed.
 
 use super::{Intake, Spool, SpoolError};
-use crate::lifecycle::watchdog::{Heartbeat, TICK};
+use crate::heartbeat::{Heartbeat, TICK};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;

@@ -16,8 +16,8 @@
 //! - MQTT control packets (CONNECT, PINGREQ, SUBSCRIBE, PUBACKs of commands) and TLS framing
 //!   are not counted; leave them room (docs/WIRE.md gives their sizes).
 
+use super::BudgetSettings;
 use crate::clock::ClockSource;
-use crate::config::BudgetSettings;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tracing::{info, warn};

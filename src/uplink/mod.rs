@@ -19,24 +19,25 @@
 pub mod budget;
 pub mod inflight;
 pub mod options;
-pub mod payload;
 mod prepare;
-pub mod tls;
+mod settings;
 
 use crate::backoff::Backoff;
-use crate::clock::ClockSource;
-use crate::config::{StreamSettings, UplinkSettings};
-use crate::lifecycle::watchdog::{Heartbeat, TICK};
-use crate::record::now_ms;
+use crate::clock::{ClockSource, now_ms};
+use crate::command_link::{AckRequest, CommandDelivery, CommandLink};
+use crate::heartbeat::{Heartbeat, TICK};
 use crate::spool::{DrainState, Pick, Spool};
+use crate::wire::payload::Origin;
 use budget::{Budget, BudgetStats};
 use inflight::{Bind, Inflight, Tag};
 use options::Topics;
-use payload::Origin;
 use prepare::PrepareJob;
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, Publish, QoS,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS,
     SubscribeReasonCode,
+};
+pub use settings::{
+    AuthSettings, BackoffSettings, BudgetSettings, StreamSettings, TlsSettings, UplinkSettings,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -75,27 +76,6 @@ pub struct UplinkStats {
     pub backoff_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub budget: Arc<BudgetStats>,
-}
-
-/// A command publish received in connection epoch `epoch`, not yet acknowledged.
-#[derive(Debug)]
-pub struct CommandDelivery {
-    pub epoch: u64,
-    pub publish: Publish,
-}
-
-/// The command service's request to PUBACK a delivery it has durably recorded. Ignored if the
-/// epoch has ended meanwhile: the broker then redelivers on the next connection.
-#[derive(Debug)]
-pub struct AckRequest {
-    pub epoch: u64,
-    pub publish: Publish,
-}
-
-/// The uplink's side of the command channel.
-pub struct CommandLink {
-    pub deliveries: mpsc::Sender<CommandDelivery>,
-    pub acks: mpsc::Receiver<AckRequest>,
 }
 
 /// Acknowledged chunks not deleted yet. Deleting is lazy by contract (a lost deletion only

@@ -2,8 +2,8 @@
 //! defaults wrongly for slow links: connect/flush timeout (default 5 s), packet size limits
 //! (default 10 KiB), keepalive, session persistence, in-flight limit, last will.
 
-use super::tls::{self, TlsError};
-use crate::config::UplinkSettings;
+use super::UplinkSettings;
+use crate::tls::{self, TlsError};
 use rumqttc::{LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ pub fn status_payload(state: &str, boot: &str) -> Vec<u8> {
         "state": state,
         "version": crate::VERSION,
         "boot": boot,
-        "ts": crate::record::now_ms(),
+        "ts": crate::clock::now_ms(),
     })
     .to_string()
     .into_bytes()
@@ -103,7 +103,11 @@ pub fn build(
         o.set_credentials(auth.username.clone(), password);
     }
     if let Some(t) = &s.tls {
-        let config = tls::client_config(t)?;
+        let client_cert = t
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let config = tls::client_config(&t.ca_file, client_cert)?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     }
     let mut n = NetworkOptions::new();

@@ -4,11 +4,12 @@
 //! wire byte budget, held back while a batch that is not full lingers.
 
 use super::Sent;
+use super::StreamSettings;
 use super::options::Topics;
-use super::payload::{self, Origin};
-use crate::config::StreamSettings;
-use crate::record::{COMMANDS_STREAM, now_ms};
+use crate::clock::now_ms;
+use crate::record::COMMANDS_STREAM;
 use crate::spool::{DrainState, Lane, Pick, Spool};
+use crate::wire::payload::{self, Origin};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -44,7 +45,7 @@ pub(super) struct PrepareJob {
     pub(super) streams: Arc<StreamSettings>,
     /// Wire bytes the normal and bulk lanes may still use (`None`: no budget).
     pub(super) wire_left: Option<u64>,
-    pub(super) limits: crate::config::BatchLimits,
+    pub(super) limits: crate::spool::BatchLimits,
     pub(super) max_packet_bytes: usize,
     pub(super) topics: Topics,
     pub(super) origin: Origin,
@@ -169,8 +170,8 @@ impl PrepareJob {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
     use crate::record::{Reading, Value};
+    use crate::spool::{BatchLimits, FullPolicy, SpoolSettings};
     use crate::spool::{DrainRules, Intake, StreamDrain};
     use std::time::Duration;
 

@@ -23,9 +23,9 @@
 //! fields whose columns are not null for it, in column order.
 
 use super::WireError;
+use super::payload::Origin;
+use crate::record::ChunkData;
 use crate::record::{Body, ClockState, Record, Value};
-use crate::spool::ChunkData;
-use crate::uplink::payload::Origin;
 use ciborium::value::{Integer, Value as Cbor};
 use std::collections::HashMap;
 

@@ -3,7 +3,7 @@
 //! docs/WIRE.md is the specification a consumer writes a decoder from.
 //!
 //! A payload says how it is encoded in its first byte:
-//! - `{` (0x7B): plain JSON, [`crate::uplink::payload`] (readable with `mosquitto_sub`).
+//! - `{` (0x7B): plain JSON, [`payload`] (readable with `mosquitto_sub`).
 //! - a header byte with bit 7 set: `0b1000_ccee`, `ee` the encoding (0 JSON, 1 CBOR columnar),
 //!   `cc` the compression of everything after the header (0 none, 1 zstd). So `0x81` is CBOR,
 //!   `0x85` CBOR+zstd, `0x84` JSON+zstd. Other values are refused.
@@ -18,11 +18,12 @@
 //! - The decoder never panics on hostile input and refuses to inflate past [`MAX_INFLATED`].
 
 pub mod columnar;
+pub mod payload;
 pub mod rowjson;
 
+use crate::record::ChunkData;
 use crate::record::Record;
-use crate::spool::ChunkData;
-use crate::uplink::payload::{self, Origin};
+use payload::Origin;
 use serde::Deserialize;
 use std::io::Read;
 

@@ -1,4 +1,4 @@
-//! Decoding the row JSON message of [`crate::uplink::payload`] back into records.
+//! Decoding the row JSON message of [`super::payload`] back into records.
 //!
 //! JSON numbers do not say which integer type they came from: a non-negative integer decodes
 //! as `U64`, a negative one as `I64`, anything with a fraction or exponent as `F64`; `null`

@@ -16,7 +16,7 @@ pub mod tail;
 use super::common::{Tags, validate_tags};
 use super::parse::{self, FormatConfig, Parser};
 use super::{Collector, CollectorContext, CollectorError, CollectorSpec, RunFuture};
-use crate::config::Issue;
+use crate::issue::Issue;
 use serde::Deserialize;
 
 fn yes() -> bool {

@@ -3,6 +3,9 @@
 //! The lifecycle loop owns the running parts (collectors, uplink settings, log level, current
 //! config) and serves [`Request`]s one at a time, so a reload and a `set_interval` never race.
 //! Every change is validated first; a request that fails changes nothing.
+//!
+//! A leaf module: the command service, signals and the status socket send requests through a
+//! [`Control`] without importing the lifecycle that serves them.
 
 use tokio::sync::{mpsc, oneshot};
 

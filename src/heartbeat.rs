@@ -1,5 +1,8 @@
 //! Liveness for systemd's watchdog.
 //!
+//! A leaf module: the spool writer and the uplink touch their heartbeats, the lifecycle loop
+//! reads them, and neither side imports the other for it.
+//!
 //! The tasks that would stall if ferry were stuck (the spool writer and the uplink) touch a
 //! [`Heartbeat`] at least every [`TICK`], also while idle. The lifecycle loop pings
 //! `WATCHDOG=1` only while every heartbeat is fresh, so a deadlocked writer or uplink stops the

@@ -10,8 +10,8 @@
 //! a consumer drops duplicates by (device, stream, seq) and sees a gap as a missing seq. `boot`
 //! changes at every start of the agent.
 
+use crate::record::ChunkData;
 use crate::record::{Body, ClockState, Record, Value};
-use crate::spool::ChunkData;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 pub const FORMAT_VERSION: u8 = 1;

@@ -1,5 +1,9 @@
-//! TLS for the uplink: rustls with the ring provider, a `ClientConfig` built by us from the
-//! configured CA file and optional client certificate and key (mutual TLS).
+//! TLS for the uplink: rustls with the ring provider, a `ClientConfig` built by us from a CA
+//! file and an optional client certificate and key (mutual TLS).
+//!
+//! A leaf module taking paths and PEM bytes, not settings: the uplink builds its connection
+//! with it and config validation checks the same files with the same parsers, without either
+//! importing the other.
 //!
 //! Server verification is always on. rumqttc's default-config helpers are never used: they
 //! load the system store and panic on an unreadable certificate. Exactly one crypto provider
@@ -7,10 +11,10 @@
 //! files are read again at every connection epoch, so a rotated certificate is picked up on
 //! the next reconnect.
 
-use crate::config::TlsSettings;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
+use std::path::Path;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +71,7 @@ pub fn parse_client_identity(
     Ok((certs, key))
 }
 
-fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsError> {
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         what,
         path: path.to_path_buf(),
@@ -75,14 +79,18 @@ fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsError>
     })
 }
 
-/// Reads the configured files and builds the client configuration.
-pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsError> {
-    let roots = parse_ca(&read("CA file", &settings.ca_file)?)?;
+/// Reads the CA file and the optional client certificate and key (in that order) and builds
+/// the client configuration.
+pub fn client_config(
+    ca_file: &Path,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = parse_ca(&read("CA file", ca_file)?)?;
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots);
-    let config = match &settings.client_cert {
+    let config = match client_cert {
         Some((cert, key)) => {
             let (certs, key) = parse_client_identity(
                 &read("client certificate", cert)?,
