@@ -3,7 +3,7 @@
 //! in its stream's wire format (or as a reply), within the in-flight byte budget and the
 //! wire byte budget, held back while a batch that is not full lingers.
 
-use super::Sent;
+use super::acks::Sent;
 use super::options::Topics;
 use super::payload::{self, Origin};
 use crate::config::StreamSettings;
