@@ -29,13 +29,14 @@ use crate::uplink::{AckRequest, CommandDelivery};
 use hmac::{Hmac, Mac};
 use ledger::Ledger;
 use request::Request;
+use rumqttc::Publish;
 use serde_json::{Value, json};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -153,6 +154,7 @@ impl CommandService {
     pub async fn run(
         self,
         mut deliveries: mpsc::Receiver<CommandDelivery>,
+        mut busy: mpsc::Receiver<Option<String>>,
         acks: mpsc::Sender<AckRequest>,
         stop: CancellationToken,
     ) {
@@ -160,8 +162,12 @@ impl CommandService {
             let delivery = tokio::select! {
                 _ = stop.cancelled() => break,
                 d = deliveries.recv() => match d { Some(d) => d, None => break },
+                Some(id) = busy.recv() => {
+                    self.refuse_busy(id).await;
+                    continue;
+                }
             };
-            let durable = self.handle(&delivery.publish.payload).await;
+            let durable = self.handle(&delivery.publish).await;
             if durable {
                 let _ = acks
                     .send(AckRequest {
@@ -173,8 +179,69 @@ impl CommandService {
         }
     }
 
+    /// Handles one delivery; returns whether it is durably recorded (and may be acknowledged).
+    async fn handle(&self, publish: &Publish) -> bool {
+        if publish.retain {
+            return self.refuse_retained(&publish.payload).await;
+        }
+        self.handle_request(&publish.payload).await
+    }
+
+    /// A command that arrived while the queue was full (the uplink acknowledged it already).
+    /// Not waiting for the reply to be durable keeps a burst from backing up behind flushes.
+    async fn refuse_busy(&self, id: Option<String>) {
+        warn!(command = ?id, "Command refused: too many commands waiting.");
+        let text = error(
+            id.as_deref(),
+            "busy: too many commands are waiting; send it again later",
+        );
+        let reading = Reading {
+            stream: COMMANDS_STREAM.into(),
+            ts_ms: now_ms(),
+            body: Body::Line(text),
+        };
+        let _ = self.shared.intake.send(Intake::reading(reading)).await;
+    }
+
+    /// A retained command is never run: it would run again on every new subscription, and
+    /// once more each time its id leaves the ledger. It gets one error reply; its redeliveries
+    /// (same bytes) are acknowledged without another, while the ledger remembers it.
+    async fn refuse_retained(&self, payload: &[u8]) -> bool {
+        let sh = &self.shared;
+        let key = format!("retained\0{}", hex::encode(&Sha256::digest(payload)[..16]));
+        let id = request::decode(payload)
+            .map(|r| r.id)
+            .ok()
+            .or_else(|| request::sniff_id(payload));
+        // Seen before, by its bytes or (MQTT 3.1.1 forwards a retained message published while
+        // ferry is subscribed without the retain flag) by its id: no second reply.
+        for known in std::iter::once(&key).chain(id.as_ref()) {
+            match sh.ledger.get(known) {
+                Ok(Some(_)) => {
+                    debug!(command = ?id, "Retained command delivered again; acknowledged without a reply.");
+                    return true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "Cannot read the command ledger; the command is not acknowledged and will be redelivered.");
+                    return false;
+                }
+            }
+        }
+        warn!(command = ?id, "Retained command refused; clear it on the broker (publish an empty retained message to the command topic).");
+        if sh.ledger.accept(&key, now_ms()).is_err() {
+            return false;
+        }
+        let text = error(
+            id.as_deref(),
+            "retained: commands must not be retained (they would run again on every subscription); not run",
+        );
+        let _ = sh.ledger.finish(&key, &text);
+        sh.send_reply(text).await
+    }
+
     /// Handles one request; returns whether it is durably recorded (and may be acknowledged).
-    async fn handle(&self, payload: &[u8]) -> bool {
+    async fn handle_request(&self, payload: &[u8]) -> bool {
         let sh = &self.shared;
         let req = match request::decode(payload) {
             Ok(r) => r,

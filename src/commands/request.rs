@@ -41,19 +41,39 @@ fn err(id: &Option<String>, message: impl Into<String>) -> DecodeError {
     }
 }
 
+/// How far into a request that cannot be decoded [`sniff_id`] looks for its id.
+const SNIFF_BYTES: usize = 4096;
+
+/// The id of a request that cannot be decoded (too large, not JSON), when one can be read
+/// near its start: `"id"`, a colon and a string of 1..=[`MAX_ID_LEN`] plain characters (no
+/// escapes). Best effort, only to address the error reply; never trusted for anything else.
+pub fn sniff_id(bytes: &[u8]) -> Option<String> {
+    let head = &bytes[..bytes.len().min(SNIFF_BYTES)];
+    let at = head.windows(4).position(|w| w == b"\"id\"")?;
+    let rest = &head[at + 4..];
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if rest[end] != b'"' || end == 0 || end > MAX_ID_LEN {
+        return None;
+    }
+    let id = std::str::from_utf8(&rest[..end]).ok()?;
+    id.chars().all(|c| !c.is_control()).then(|| id.to_string())
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Request, DecodeError> {
     let none = None;
     if bytes.len() > MAX_REQUEST_BYTES {
         return Err(err(
-            &none,
+            &sniff_id(bytes),
             format!(
                 "request of {} bytes is over the {MAX_REQUEST_BYTES}-byte limit",
                 bytes.len()
             ),
         ));
     }
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| err(&none, format!("not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| err(&sniff_id(bytes), format!("not valid JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
         return Err(err(&none, "a request must be a JSON object"));
     };
@@ -200,6 +220,26 @@ mod tests {
                 .contains("id")
         );
         assert!(decode(br#"{"id":"a","name":"p","expires_at":-1}"#).is_err());
+    }
+
+    #[test]
+    fn the_id_of_an_oversize_or_broken_request_is_read_when_it_can_be() {
+        let mut big = br#"{"id": "big-1", "name":"ping","args":{"x":""#.to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_REQUEST_BYTES));
+        big.extend(br#""}}"#);
+        let e = decode(&big).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("big-1"));
+        assert!(e.message.contains("limit"), "{}", e.message);
+        assert_eq!(
+            decode(br#"{"id":"j-2","name":"ping""#)
+                .unwrap_err()
+                .id
+                .as_deref(),
+            Some("j-2")
+        );
+        assert_eq!(sniff_id(br#"{"id":"a\"b"}"#), None);
+        assert_eq!(sniff_id(b"\xff\"id\":\"\xff\""), None);
+        assert_eq!(sniff_id(br#"{"id":""}"#), None);
     }
 
     #[test]

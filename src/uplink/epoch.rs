@@ -111,14 +111,19 @@ impl Uplink {
                 }
             }
         }));
-        self.await_connack(ctx, &mut events).await?;
+        let session_present = self.await_connack(ctx, &mut events).await?;
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         self.stats.backoff_ms.store(0, Ordering::Relaxed);
         info!(broker = %format!("{}:{}", s.host, s.port), client_id = %s.client_id, tls = s.tls.is_some(), "Connected to the broker.");
 
         // Subscribe before any publish, so its packet id cannot collide with one (rumqtt #1057).
+        // Only when the broker does not hold the subscription already: each new subscription
+        // makes it deliver a retained command again.
+        let resubscribe =
+            !session_present || self.subscribed.as_deref() != Some(ctx.commands_topic.as_str());
         if subscribe
+            && resubscribe
             && let Err(e) = client.try_subscribe(ctx.commands_topic.clone(), QoS::AtLeastOnce)
         {
             return Err(failed(
@@ -145,7 +150,12 @@ impl Uplink {
         })
     }
 
-    async fn await_connack(&mut self, ctx: &EpochCtx, events: &mut Events) -> Result<(), EpochEnd> {
+    /// Waits for the CONNACK; returns whether the broker kept our session.
+    async fn await_connack(
+        &mut self,
+        ctx: &EpochCtx,
+        events: &mut Events,
+    ) -> Result<bool, EpochEnd> {
         let deadline = Instant::now() + options::connect_deadline(&ctx.s);
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -154,7 +164,7 @@ impl Uplink {
                 _ = self.shutdown.cancelled() => return Err(EpochEnd::Shutdown),
                 _ = tokio::time::sleep_until(deadline) => return Err(failed("timed out waiting for the broker's CONNACK", false)),
                 ev = events.recv() => match ev {
-                    Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+                    Some(Ok(Event::Incoming(Packet::ConnAck(c)))) => return Ok(c.session_present),
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(describe(&e, false)),
                     None => return Err(failed("event loop stopped", false)),
@@ -387,7 +397,7 @@ impl Uplink {
     }
 
     fn on_event(
-        &self,
+        &mut self,
         ctx: &EpochCtx,
         ev: Event,
         acks: &mut Acks,
@@ -427,17 +437,12 @@ impl Uplink {
                     error!(topic = %commands_topic, "The broker refused the command subscription (check its ACL); commands will not arrive.");
                 } else {
                     info!(topic = %commands_topic, "Subscribed to commands.");
+                    self.subscribed = Some(commands_topic.to_string());
                 }
             }
             Event::Incoming(Packet::Publish(p)) => match link {
                 Some(link) if p.topic == commands_topic => {
-                    let delivery = CommandDelivery {
-                        epoch: ctx.epoch,
-                        publish: p,
-                    };
-                    if let Err(e) = link.deliveries.try_send(delivery) {
-                        warn!(error = %e, "Command queue full; the command is not acknowledged and will be redelivered after a reconnect.");
-                    }
+                    pass_command(ctx, client, link, p)?;
                 }
                 _ => {
                     debug!(topic = %p.topic, "Unexpected publish acknowledged and ignored.");
@@ -447,6 +452,43 @@ impl Uplink {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Hands a command to the command service. When its queue is full, the command is
+/// acknowledged at once and refused with a `busy` reply, rather than left unacknowledged
+/// until the next reconnect (PUBACK order then differs from receipt order; brokers match
+/// PUBACKs by packet id).
+fn pass_command(
+    ctx: &EpochCtx,
+    client: &AsyncClient,
+    link: &mut CommandLink,
+    publish: rumqttc::Publish,
+) -> Result<(), EpochEnd> {
+    let delivery = CommandDelivery {
+        epoch: ctx.epoch,
+        publish,
+    };
+    match link.deliveries.try_send(delivery) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(d)) => {
+            warn!(
+                bytes = d.publish.payload.len(),
+                "Command queue full; the command is refused as busy and acknowledged."
+            );
+            client.try_ack(&d.publish).map_err(|e| {
+                failed(format!("cannot queue a command acknowledgement: {e}"), true)
+            })?;
+            let id = crate::commands::request::sniff_id(&d.publish.payload);
+            if link.busy.try_send(id).is_err() {
+                warn!("Busy queue full too; a refused command gets no reply.");
+            }
+            Ok(())
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            debug!("Command service stopped; the command is not acknowledged.");
+            Ok(())
+        }
     }
 }
 

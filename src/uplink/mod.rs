@@ -42,9 +42,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 /// Requests queued in rumqttc's channel: the window plus status, subscribe, command acks,
-/// disconnect and slack. The window gate keeps it from filling; `try_publish` failing means
+/// disconnect and slack. Command acks are bounded by how many unacknowledged QoS 1 messages
+/// the broker sends at once (Mosquitto: 20 by default), busy refusals included. The window gate keeps it from filling; `try_publish` failing means
 /// a bug, and ends the epoch.
-const REQUEST_SLACK: usize = 40;
+const REQUEST_SLACK: usize = 128;
 /// Counters and state readable while the agent runs.
 #[derive(Debug, Default)]
 pub struct UplinkStats {
@@ -79,6 +80,10 @@ pub struct AckRequest {
 /// The uplink's side of the command channel.
 pub struct CommandLink {
     pub deliveries: mpsc::Sender<CommandDelivery>,
+    /// Commands that arrived while `deliveries` was full, by id when readable: already
+    /// acknowledged, to be refused with a `busy` error reply (best effort: a crash before it
+    /// loses the reply, never a run).
+    pub busy: mpsc::Sender<Option<String>>,
     pub acks: mpsc::Receiver<AckRequest>,
 }
 
@@ -128,6 +133,9 @@ pub struct Uplink {
     clock: Arc<dyn ClockSource>,
     /// Opened when `run` starts.
     budget: Option<Budget>,
+    /// The command topic the broker confirmed a subscription to (SUBACK), kept across
+    /// epochs: with the session present, it is not subscribed again.
+    subscribed: Option<String>,
 }
 
 impl Uplink {
@@ -152,6 +160,7 @@ impl Uplink {
                 false,
             )),
             budget: None,
+            subscribed: None,
         }
     }
 
