@@ -341,7 +341,11 @@ impl Uplink {
             }
             let got = prepared.messages.len();
             for m in prepared.messages {
-                self.publish(client, acks, m)?;
+                if m.oversize {
+                    self.drop_oversize(acks, m).await;
+                } else {
+                    self.publish(client, acks, m)?;
+                }
             }
             if prepared.exhausted {
                 st.flush_now = false;
@@ -362,15 +366,6 @@ impl Uplink {
         acks: &mut Acks,
         m: super::prepare::Prepared,
     ) -> Result<(), EpochEnd> {
-        if m.oversize {
-            error!(
-                bytes = m.payload.len(),
-                records = m.sent.records,
-                "A stored chunk is larger than uplink.max_packet_bytes allows; it cannot be sent and is dropped."
-            );
-            acks.discard(m.sent);
-            return Ok(());
-        }
         client
             .try_publish(m.topic, QoS::AtLeastOnce, false, m.payload)
             .map_err(|e| failed(format!("cannot queue a publish: {e}"), true))?;
@@ -394,6 +389,37 @@ impl Uplink {
         }
         acks.inflight.queued(Tag::Data(m.sent));
         Ok(())
+    }
+
+    /// A message that can never be sent (its chunk alone is over `max_packet_bytes`): its
+    /// records are deleted only once a `ferry.loss` record saying so is committed; if that
+    /// fails they stay in the spool (and are tried again next epoch).
+    async fn drop_oversize(&self, acks: &mut Acks, m: super::prepare::Prepared) {
+        let loss = oversize_loss(&m.stream, m.seqs, m.sent.records, m.payload.len());
+        let spool = self.spool.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            spool.commit(&[crate::spool::Intake::reading(loss)])
+        })
+        .await;
+        match committed {
+            Ok(Ok(_)) => {
+                error!(
+                    stream = %m.stream,
+                    first_seq = m.seqs.0,
+                    last_seq = m.seqs.1,
+                    bytes = m.payload.len(),
+                    records = m.sent.records,
+                    "A stored chunk is larger than uplink.max_packet_bytes allows; it cannot be sent, is dropped and reported on ferry.loss (reason oversize)."
+                );
+                acks.discard(m.sent);
+            }
+            Ok(Err(e)) => {
+                error!(stream = %m.stream, error = %e, "Cannot report an oversize chunk's loss; it stays in the spool.")
+            }
+            Err(e) => {
+                error!(stream = %m.stream, error = %e, "Cannot report an oversize chunk's loss; it stays in the spool.")
+            }
+        }
     }
 
     fn on_event(
@@ -453,6 +479,28 @@ impl Uplink {
         }
         Ok(())
     }
+}
+
+/// The `ferry.loss` record for records dropped because their message can never fit in a
+/// packet. (Kept in one function so a typed loss record can replace it in one place.)
+fn oversize_loss(
+    stream: &str,
+    seqs: (u64, u64),
+    count: u64,
+    bytes: usize,
+) -> crate::record::Reading {
+    use crate::record::Value;
+    crate::record::Reading::fields(
+        crate::record::LOSS_STREAM,
+        vec![
+            ("stream".into(), Value::Str(stream.into())),
+            ("first_seq".into(), Value::U64(seqs.0)),
+            ("last_seq".into(), Value::U64(seqs.1)),
+            ("count".into(), Value::U64(count)),
+            ("reason".into(), Value::Str("oversize".into())),
+            ("bytes".into(), Value::U64(bytes as u64)),
+        ],
+    )
 }
 
 /// Hands a command to the command service. When its queue is full, the command is
