@@ -184,7 +184,7 @@ impl CommandService {
         if publish.retain {
             return self.refuse_retained(&publish.payload).await;
         }
-        self.handle_request(&publish.payload).await
+        self.handle_request(&publish.payload, publish.dup).await
     }
 
     /// A command that arrived while the queue was full (the uplink acknowledged it already).
@@ -241,7 +241,8 @@ impl CommandService {
     }
 
     /// Handles one request; returns whether it is durably recorded (and may be acknowledged).
-    async fn handle_request(&self, payload: &[u8]) -> bool {
+    /// `dup`: the broker is sending it again (its PUBACK was lost), not a new publish.
+    async fn handle_request(&self, payload: &[u8], dup: bool) -> bool {
         let sh = &self.shared;
         let req = match request::decode(payload) {
             Ok(r) => r,
@@ -266,7 +267,10 @@ impl CommandService {
         }
         match sh.ledger.get(&id) {
             Ok(Some(entry)) => {
-                if self.settings.require_signature {
+                // The broker sets DUP itself when it sends a message again (a publisher
+                // cannot), so a DUP delivery is a QoS redelivery and gets only its stored
+                // reply; the same id published anew is a replay.
+                if self.settings.require_signature && !dup {
                     warn!(command = %id, "Replayed signed command refused.");
                     return sh
                         .send_reply(error(
