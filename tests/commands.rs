@@ -711,3 +711,54 @@ async fn a_signed_redelivery_gets_only_its_stored_reply() {
     );
     assert!(agent.terminate().success());
 }
+
+/// An action killed with ferry (SIGKILL) was acknowledged with its `accepted` reply, so the
+/// broker never redelivers it: the restart itself sends the final `interrupted` reply, and the
+/// action does not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_interrupted_by_sigkill_gets_a_final_reply_after_restart() {
+    let broker = broker();
+    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("long.sh");
+    let log = dir.path().join("ran.log");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho run >> '{}'\nsleep 30\n", log.display()),
+    )
+    .unwrap();
+    let mut perm = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&script, perm).unwrap();
+    let extra = format!(
+        "commands:\n  actions:\n    - name: long\n      program: {}\n      timeout_ms: 60000\n",
+        script.display()
+    );
+    let yaml = config(dir.path(), broker.agent_port(), &[], &extra);
+    let mut agent = Agent::spawn(dir.path(), &yaml);
+    assert!(
+        agent
+            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
+            .await,
+        "{}",
+        agent.log()
+    );
+    send(&broker, r#"{"id":"long1","name":"long"}"#);
+    assert!(
+        sub.wait_until(Duration::from_secs(15), |s| replies(s, "long1")
+            .iter()
+            .any(|r| r["status"] == "accepted"))
+            .await,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(runs(dir.path()), 1);
+    agent.kill9();
+    agent.start_again();
+    let r = final_reply(&sub, &agent, "long1", Duration::from_secs(20)).await;
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("interrupted"), "{r}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs(dir.path()), 1, "the action ran again");
+    assert!(agent.terminate().success());
+}

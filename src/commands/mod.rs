@@ -158,6 +158,7 @@ impl CommandService {
         acks: mpsc::Sender<AckRequest>,
         stop: CancellationToken,
     ) {
+        self.finish_interrupted().await;
         loop {
             let delivery = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -188,6 +189,31 @@ impl CommandService {
     }
 
     /// A command that arrived while the queue was full (the uplink acknowledged it already).
+    /// Commands that were running when ferry last stopped (a crash, SIGKILL, power cut) get
+    /// their final `interrupted` reply now: their PUBACK went out with the `accepted` reply,
+    /// so the broker will not deliver them again. They are not run again.
+    async fn finish_interrupted(&self) {
+        let ids = match self.shared.ledger.unfinished() {
+            Ok(ids) => ids,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the command ledger for interrupted commands.");
+                return;
+            }
+        };
+        for id in ids {
+            warn!(command = %id, "Command interrupted by the last stop; it is not run again.");
+            self.shared
+                .finish(
+                    &id,
+                    error(
+                        Some(&id),
+                        "interrupted: ferry stopped while this command ran; it is not run again",
+                    ),
+                )
+                .await;
+        }
+    }
+
     /// Not waiting for the reply to be durable keeps a burst from backing up behind flushes.
     async fn refuse_busy(&self, id: Option<String>) {
         warn!(command = ?id, "Command refused: too many commands waiting.");
