@@ -251,6 +251,41 @@ mod tests {
         );
     }
 
+    // A short run of the generated inputs `benches/fuzz_commands.rs` runs a million of.
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+        #[test]
+        fn generated_requests_never_panic(
+            fields in proptest::collection::vec(
+                (proptest::sample::select(vec!["id", "name", "args", "expires_at", "sig", "x"]), ".{0,10}", 0u8..4),
+                0..6,
+            ),
+            flips in proptest::collection::vec((0usize..512, proptest::prelude::any::<u8>()), 0..3),
+        ) {
+            let mut m = Map::new();
+            for (k, text, kind) in fields {
+                let v = match kind {
+                    0 => Value::String(text),
+                    1 => serde_json::json!({ "kid": text, "hmac": "00ff" }),
+                    2 => serde_json::json!(text.len()),
+                    _ => serde_json::json!([text]),
+                };
+                m.insert(k.to_string(), v);
+            }
+            let mut bytes = Value::Object(m).to_string().into_bytes();
+            for (at, b) in flips {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] = b;
+                }
+            }
+            let _ = sniff_id(&bytes);
+            if let Ok(r) = decode(&bytes) {
+                let _ = canonical(&r);
+            }
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic() {
         let mut rng = fastrand::Rng::with_seed(42);
