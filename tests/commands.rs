@@ -752,6 +752,11 @@ async fn an_action_interrupted_by_sigkill_gets_a_final_reply_after_restart() {
         "{}",
         agent.log()
     );
+    // The `accepted` reply can come before the script has started.
+    let started = tokio::time::Instant::now();
+    while runs(dir.path()) == 0 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(runs(dir.path()), 1);
     agent.kill9();
     agent.start_again();

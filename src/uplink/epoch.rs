@@ -524,9 +524,13 @@ fn pass_command(
                 bytes = d.publish.payload.len(),
                 "Command queue full; the command is refused as busy and acknowledged."
             );
-            client.try_ack(&d.publish).map_err(|e| {
-                failed(format!("cannot queue a command acknowledgement: {e}"), true)
-            })?;
+            // More refusals at once than rumqttc's request channel holds (a broker sending
+            // over REQUEST_SLACK unacknowledged commands): leave the rest unacknowledged
+            // (redelivered after a reconnect) rather than end the connection.
+            if let Err(e) = client.try_ack(&d.publish) {
+                warn!(error = %e, "Cannot queue a busy command's acknowledgement; it is redelivered after a reconnect.");
+                return Ok(());
+            }
             let id = crate::commands::request::sniff_id(&d.publish.payload);
             if link.busy.try_send(id).is_err() {
                 warn!("Busy queue full too; a refused command gets no reply.");
