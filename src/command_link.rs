@@ -26,5 +26,31 @@ pub struct AckRequest {
 /// The uplink's side of the command channel.
 pub struct CommandLink {
     pub deliveries: mpsc::Sender<CommandDelivery>,
+    /// Commands that arrived while `deliveries` was full, by id when readable: already
+    /// acknowledged, to be refused with a `busy` error reply (best effort: a crash before it
+    /// loses the reply, never a run).
+    pub busy: mpsc::Sender<Option<String>>,
     pub acks: mpsc::Receiver<AckRequest>,
+}
+
+/// The longest command id (the request format's limit; [`sniff_id`] accepts no longer one).
+pub const MAX_ID_LEN: usize = 128;
+/// How far into a request that cannot be decoded [`sniff_id`] looks for its id.
+const SNIFF_BYTES: usize = 4096;
+
+/// The id of a request that cannot be decoded (too large, not JSON), when one can be read
+/// near its start: `"id"`, a colon and a string of 1..=[`MAX_ID_LEN`] plain characters (no
+/// escapes). Best effort, only to address the error reply; never trusted for anything else.
+pub fn sniff_id(bytes: &[u8]) -> Option<String> {
+    let head = &bytes[..bytes.len().min(SNIFF_BYTES)];
+    let at = head.windows(4).position(|w| w == b"\"id\"")?;
+    let rest = &head[at + 4..];
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if rest[end] != b'"' || end == 0 || end > MAX_ID_LEN {
+        return None;
+    }
+    let id = std::str::from_utf8(&rest[..end]).ok()?;
+    id.chars().all(|c| !c.is_control()).then(|| id.to_string())
 }

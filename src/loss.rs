@@ -33,10 +33,13 @@ pub enum LossReason {
     SpoolCorrupt,
     /// A command that arrived after its `expires_at`.
     ExpiredCommand,
+    /// Stored records whose chunk can never fit in one MQTT packet (`uplink.max_packet_bytes`,
+    /// e.g. lowered after they were stored); `bytes` gives the message size.
+    TooBigForPacket,
 }
 
 impl LossReason {
-    pub const ALL: [LossReason; 8] = [
+    pub const ALL: [LossReason; 9] = [
         LossReason::Malformed,
         LossReason::Oversized,
         LossReason::Evicted,
@@ -45,6 +48,7 @@ impl LossReason {
         LossReason::SpoolWriteFailed,
         LossReason::SpoolCorrupt,
         LossReason::ExpiredCommand,
+        LossReason::TooBigForPacket,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +61,7 @@ impl LossReason {
             LossReason::SpoolWriteFailed => "spool_write_failed",
             LossReason::SpoolCorrupt => "spool_corrupt",
             LossReason::ExpiredCommand => "expired_command",
+            LossReason::TooBigForPacket => "too_big_for_packet",
         }
     }
 

@@ -694,3 +694,119 @@ async fn the_python_signing_example_in_the_docs_is_accepted() {
     assert_eq!(r["status"], "ok", "{r}");
     assert!(agent.terminate().success());
 }
+
+/// A signed reload_config that changes uplink settings reconnects before its PUBACK goes out,
+/// so the broker redelivers it (DUP): that redelivery gets only the stored reply, not a
+/// "replayed" error on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_redelivery_gets_only_its_stored_reply() {
+    let broker = broker();
+    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = b"0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.path().join("cmd.key"), key).unwrap();
+    let extra = format!(
+        "commands:\n  require_signature: true\n  keys:\n    - {{id: k1, key_file: {}}}\n",
+        dir.path().join("cmd.key").display()
+    );
+    let yaml = config(dir.path(), broker.agent_port(), &[], &extra);
+    let mut agent = Agent::spawn(dir.path(), &yaml);
+    assert!(
+        agent
+            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
+            .await,
+        "{}",
+        agent.log()
+    );
+    let changed = std::fs::read_to_string(agent.config_path())
+        .unwrap()
+        .replace("keepalive_s: 5", "keepalive_s: 6");
+    std::fs::write(agent.config_path(), changed).unwrap();
+    send(
+        &broker,
+        &sign(&json!({"id": "r1", "name": "reload_config"}), key),
+    );
+    let r = final_reply(&sub, &agent, "r1", Duration::from_secs(15)).await;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert!(
+        agent
+            .wait_for_log_count("Connected to the broker.", 2, Duration::from_secs(15))
+            .await
+    );
+    // The redelivery arrives on the new connection; a marker sent after it is answered after it.
+    send(&broker, &sign(&json!({"id": "m1", "name": "ping"}), key));
+    final_reply(&sub, &agent, "m1", Duration::from_secs(15)).await;
+    let all = replies(&sub, "r1");
+    assert!(
+        all.iter().all(|r| r["status"] == "ok"),
+        "a redelivery was refused: {all:?}"
+    );
+    let log = agent.log();
+    println!(
+        "signed redelivery: {} replies to r1, redelivered: {}",
+        all.len(),
+        log.contains("Command id seen before")
+    );
+    assert!(!log.contains("Replayed signed command refused"), "{log}");
+    assert!(
+        log.contains("Command id seen before"),
+        "no redelivery happened; the test proves nothing:\n{log}"
+    );
+    assert!(agent.terminate().success());
+}
+
+/// An action killed with ferry (SIGKILL) was acknowledged with its `accepted` reply, so the
+/// broker never redelivers it: the restart itself sends the final `interrupted` reply, and the
+/// action does not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_interrupted_by_sigkill_gets_a_final_reply_after_restart() {
+    let broker = broker();
+    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("long.sh");
+    let log = dir.path().join("ran.log");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho run >> '{}'\nsleep 30\n", log.display()),
+    )
+    .unwrap();
+    let mut perm = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&script, perm).unwrap();
+    let extra = format!(
+        "commands:\n  actions:\n    - name: long\n      program: {}\n      timeout_ms: 60000\n",
+        script.display()
+    );
+    let yaml = config(dir.path(), broker.agent_port(), &[], &extra);
+    let mut agent = Agent::spawn(dir.path(), &yaml);
+    assert!(
+        agent
+            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
+            .await,
+        "{}",
+        agent.log()
+    );
+    send(&broker, r#"{"id":"long1","name":"long"}"#);
+    assert!(
+        sub.wait_until(Duration::from_secs(15), |s| replies(s, "long1")
+            .iter()
+            .any(|r| r["status"] == "accepted"))
+            .await,
+        "{}",
+        agent.log()
+    );
+    // The `accepted` reply can come before the script has started.
+    let started = tokio::time::Instant::now();
+    while runs(dir.path()) == 0 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(runs(dir.path()), 1);
+    agent.kill9();
+    agent.start_again();
+    let r = final_reply(&sub, &agent, "long1", Duration::from_secs(20)).await;
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("interrupted"), "{r}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs(dir.path()), 1, "the action ran again");
+    assert!(agent.terminate().success());
+}

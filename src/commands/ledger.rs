@@ -83,6 +83,19 @@ impl Ledger {
         Ok(())
     }
 
+    /// Ids of commands accepted but never finished: ferry stopped while they ran.
+    pub fn unfinished(&self) -> Result<Vec<String>, sled::Error> {
+        let mut ids = Vec::new();
+        for item in self.tree.scan_prefix(ENTRY) {
+            let (k, v) = item?;
+            let entry: Option<Entry> = serde_json::from_slice(&v).ok();
+            if entry.is_some_and(|e| e.reply.is_none()) {
+                ids.push(String::from_utf8_lossy(&k[ENTRY.len()..]).into_owned());
+            }
+        }
+        Ok(ids)
+    }
+
     fn prune(&self, now_ms: u64) -> Result<(), sled::Error> {
         let count = self.tree.scan_prefix(ENTRY).count();
         let mut excess = (count + 1).saturating_sub(self.max_entries);
@@ -127,7 +140,9 @@ mod tests {
         assert_eq!(l.get("a").unwrap(), None);
         l.accept("a", 1000).unwrap();
         assert_eq!(l.get("a").unwrap().unwrap().reply, None);
+        assert_eq!(l.unfinished().unwrap(), vec!["a".to_string()]);
         l.finish("a", "{}").unwrap();
+        assert!(l.unfinished().unwrap().is_empty());
         assert_eq!(l.get("a").unwrap().unwrap().reply.as_deref(), Some("{}"));
     }
 

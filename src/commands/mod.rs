@@ -31,14 +31,15 @@ use crate::spool::Intake;
 use hmac::{Hmac, Mac};
 use ledger::Ledger;
 use request::Request;
+use rumqttc::Publish;
 use serde_json::{Value, json};
 pub use settings::{ActionSettings, CommandSettings, ParamKind, ParamSettings};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -156,15 +157,21 @@ impl CommandService {
     pub async fn run(
         self,
         mut deliveries: mpsc::Receiver<CommandDelivery>,
+        mut busy: mpsc::Receiver<Option<String>>,
         acks: mpsc::Sender<AckRequest>,
         stop: CancellationToken,
     ) {
+        self.finish_interrupted().await;
         loop {
             let delivery = tokio::select! {
                 _ = stop.cancelled() => break,
                 d = deliveries.recv() => match d { Some(d) => d, None => break },
+                Some(id) = busy.recv() => {
+                    self.refuse_busy(id).await;
+                    continue;
+                }
             };
-            let durable = self.handle(&delivery.publish.payload).await;
+            let durable = self.handle(&delivery.publish).await;
             if durable {
                 let _ = acks
                     .send(AckRequest {
@@ -176,8 +183,95 @@ impl CommandService {
         }
     }
 
+    /// Handles one delivery; returns whether it is durably recorded (and may be acknowledged).
+    async fn handle(&self, publish: &Publish) -> bool {
+        if publish.retain {
+            return self.refuse_retained(&publish.payload).await;
+        }
+        self.handle_request(&publish.payload, publish.dup).await
+    }
+
+    /// A command that arrived while the queue was full (the uplink acknowledged it already).
+    /// Commands that were running when ferry last stopped (a crash, SIGKILL, power cut) get
+    /// their final `interrupted` reply now: their PUBACK went out with the `accepted` reply,
+    /// so the broker will not deliver them again. They are not run again.
+    async fn finish_interrupted(&self) {
+        let ids = match self.shared.ledger.unfinished() {
+            Ok(ids) => ids,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the command ledger for interrupted commands.");
+                return;
+            }
+        };
+        for id in ids {
+            warn!(command = %id, "Command interrupted by the last stop; it is not run again.");
+            self.shared
+                .finish(
+                    &id,
+                    error(
+                        Some(&id),
+                        "interrupted: ferry stopped while this command ran; it is not run again",
+                    ),
+                )
+                .await;
+        }
+    }
+
+    /// Not waiting for the reply to be durable keeps a burst from backing up behind flushes.
+    async fn refuse_busy(&self, id: Option<String>) {
+        warn!(command = ?id, "Command refused: too many commands waiting.");
+        let text = error(
+            id.as_deref(),
+            "busy: too many commands are waiting; send it again later",
+        );
+        let reading = Reading {
+            stream: COMMANDS_STREAM.into(),
+            ts_ms: now_ms(),
+            body: Body::Line(text),
+        };
+        let _ = self.shared.intake.send(Intake::reading(reading)).await;
+    }
+
+    /// A retained command is never run: it would run again on every new subscription, and
+    /// once more each time its id leaves the ledger. It gets one error reply; its redeliveries
+    /// (same bytes) are acknowledged without another, while the ledger remembers it.
+    async fn refuse_retained(&self, payload: &[u8]) -> bool {
+        let sh = &self.shared;
+        let key = format!("retained\0{}", hex::encode(&Sha256::digest(payload)[..16]));
+        let id = request::decode(payload)
+            .map(|r| r.id)
+            .ok()
+            .or_else(|| request::sniff_id(payload));
+        // Seen before, by its bytes or (MQTT 3.1.1 forwards a retained message published while
+        // ferry is subscribed without the retain flag) by its id: no second reply.
+        for known in std::iter::once(&key).chain(id.as_ref()) {
+            match sh.ledger.get(known) {
+                Ok(Some(_)) => {
+                    debug!(command = ?id, "Retained command delivered again; acknowledged without a reply.");
+                    return true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "Cannot read the command ledger; the command is not acknowledged and will be redelivered.");
+                    return false;
+                }
+            }
+        }
+        warn!(command = ?id, "Retained command refused; clear it on the broker (publish an empty retained message to the command topic).");
+        if sh.ledger.accept(&key, now_ms()).is_err() {
+            return false;
+        }
+        let text = error(
+            id.as_deref(),
+            "retained: commands must not be retained (they would run again on every subscription); not run",
+        );
+        let _ = sh.ledger.finish(&key, &text);
+        sh.send_reply(text).await
+    }
+
     /// Handles one request; returns whether it is durably recorded (and may be acknowledged).
-    async fn handle(&self, payload: &[u8]) -> bool {
+    /// `dup`: the broker is sending it again (its PUBACK was lost), not a new publish.
+    async fn handle_request(&self, payload: &[u8], dup: bool) -> bool {
         let sh = &self.shared;
         let req = match request::decode(payload) {
             Ok(r) => r,
@@ -202,7 +296,10 @@ impl CommandService {
         }
         match sh.ledger.get(&id) {
             Ok(Some(entry)) => {
-                if self.settings.require_signature {
+                // The broker sets DUP itself when it sends a message again (a publisher
+                // cannot), so a DUP delivery is a QoS redelivery and gets only its stored
+                // reply; the same id published anew is a replay.
+                if self.settings.require_signature && !dup {
                     warn!(command = %id, "Replayed signed command refused.");
                     return sh
                         .send_reply(error(

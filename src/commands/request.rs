@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-pub const MAX_ID_LEN: usize = 128;
+pub const MAX_ID_LEN: usize = crate::command_link::MAX_ID_LEN;
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,19 +41,22 @@ fn err(id: &Option<String>, message: impl Into<String>) -> DecodeError {
     }
 }
 
+/// Also used by the uplink (which may not import commands) to address a `busy` reply.
+pub use crate::command_link::sniff_id;
+
 pub fn decode(bytes: &[u8]) -> Result<Request, DecodeError> {
     let none = None;
     if bytes.len() > MAX_REQUEST_BYTES {
         return Err(err(
-            &none,
+            &sniff_id(bytes),
             format!(
                 "request of {} bytes is over the {MAX_REQUEST_BYTES}-byte limit",
                 bytes.len()
             ),
         ));
     }
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| err(&none, format!("not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| err(&sniff_id(bytes), format!("not valid JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
         return Err(err(&none, "a request must be a JSON object"));
     };
@@ -203,12 +206,67 @@ mod tests {
     }
 
     #[test]
+    fn the_id_of_an_oversize_or_broken_request_is_read_when_it_can_be() {
+        let mut big = br#"{"id": "big-1", "name":"ping","args":{"x":""#.to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_REQUEST_BYTES));
+        big.extend(br#""}}"#);
+        let e = decode(&big).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("big-1"));
+        assert!(e.message.contains("limit"), "{}", e.message);
+        assert_eq!(
+            decode(br#"{"id":"j-2","name":"ping""#)
+                .unwrap_err()
+                .id
+                .as_deref(),
+            Some("j-2")
+        );
+        assert_eq!(sniff_id(br#"{"id":"a\"b"}"#), None);
+        assert_eq!(sniff_id(b"\xff\"id\":\"\xff\""), None);
+        assert_eq!(sniff_id(br#"{"id":""}"#), None);
+    }
+
+    #[test]
     fn canonical_form_sorts_keys_everywhere() {
         let r = decode(br#"{"name":"n","id":"i","args":{"b":[{"z":1,"a":2}],"a":"x"}}"#).unwrap();
         assert_eq!(
             String::from_utf8(canonical(&r)).unwrap(),
             r#"{"args":{"a":"x","b":[{"a":2,"z":1}]},"id":"i","name":"n"}"#
         );
+    }
+
+    // A short run of the generated inputs `benches/fuzz_commands.rs` runs a million of.
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+        #[test]
+        fn generated_requests_never_panic(
+            fields in proptest::collection::vec(
+                (proptest::sample::select(vec!["id", "name", "args", "expires_at", "sig", "x"]), ".{0,10}", 0u8..4),
+                0..6,
+            ),
+            flips in proptest::collection::vec((0usize..512, proptest::prelude::any::<u8>()), 0..3),
+        ) {
+            let mut m = Map::new();
+            for (k, text, kind) in fields {
+                let v = match kind {
+                    0 => Value::String(text),
+                    1 => serde_json::json!({ "kid": text, "hmac": "00ff" }),
+                    2 => serde_json::json!(text.len()),
+                    _ => serde_json::json!([text]),
+                };
+                m.insert(k.to_string(), v);
+            }
+            let mut bytes = Value::Object(m).to_string().into_bytes();
+            for (at, b) in flips {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] = b;
+                }
+            }
+            let _ = sniff_id(&bytes);
+            if let Ok(r) = decode(&bytes) {
+                let _ = canonical(&r);
+            }
+        }
     }
 
     #[test]

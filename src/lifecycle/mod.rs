@@ -53,6 +53,8 @@ const STATUS_PERIOD: Duration = Duration::from_secs(10);
 /// Command publishes waiting for the command service; beyond this they are not acknowledged
 /// and the broker redelivers them after a reconnect.
 const COMMAND_QUEUE: usize = 32;
+/// Ids of commands refused as busy (acknowledged already) waiting for their error reply.
+const BUSY_QUEUE: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -170,6 +172,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
     if config.commands.enabled {
         let (deliveries_tx, deliveries) = mpsc::channel(COMMAND_QUEUE);
         let (acks, acks_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (busy_tx, busy) = mpsc::channel(BUSY_QUEUE);
         let service = CommandService::new(
             config.commands.clone(),
             spool.open_tree("commands")?,
@@ -179,11 +182,13 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
         )?;
         commands_task = Some(tokio::spawn(service.run(
             deliveries,
+            busy,
             acks,
             commands_stop.clone(),
         )));
         uplink = uplink.with_commands(CommandLink {
             deliveries: deliveries_tx,
+            busy: busy_tx,
             acks: acks_rx,
         });
     }

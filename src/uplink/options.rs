@@ -60,6 +60,9 @@ pub enum OptionsError {
     },
 }
 
+/// The largest "remaining length" an MQTT packet can declare (256 MiB - 1).
+pub const MQTT_MAX_REMAINING: usize = 268_435_455;
+
 /// rumqttc's in-flight limit is also its packet id range; keeping it well above our window
 /// makes pkid collisions (which stall rumqttc) rare.
 pub fn rumqttc_inflight(window: usize) -> u16 {
@@ -78,7 +81,11 @@ pub fn build(
     // A persistent session: the broker keeps our command subscription and queues commands
     // while we are offline. Delivery of our own data never relies on it (the spool does).
     o.set_clean_session(false);
-    o.set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes);
+    // Incoming: MQTT 3.1.1 cannot tell the broker our limit, and a packet over it makes
+    // rumqttc drop the connection, after which the broker redelivers it on every reconnect
+    // (one big command would stop all data). So accept any size the protocol allows (the
+    // broker's message_size_limit bounds it); the command service refuses big requests.
+    o.set_max_packet_size(MQTT_MAX_REMAINING, s.max_packet_bytes);
     o.set_inflight(rumqttc_inflight(s.window));
     // Commands are acknowledged only once recorded (see commands/): a crash in between makes
     // the broker redeliver instead of losing the command.

@@ -3,8 +3,8 @@
 //! in its stream's wire format (or as a reply), within the in-flight byte budget and the
 //! wire byte budget, held back while a batch that is not full lingers.
 
-use super::Sent;
 use super::StreamSettings;
+use super::acks::Sent;
 use super::options::Topics;
 use crate::clock::now_ms;
 use crate::record::COMMANDS_STREAM;
@@ -22,6 +22,9 @@ pub(super) struct Prepared {
     pub(super) resent: u64,
     /// Larger than the packet limit: cannot be sent.
     pub(super) oversize: bool,
+    /// The stream's name and the seqs this message carries (first, last).
+    pub(super) stream: String,
+    pub(super) seqs: (u64, u64),
     /// The MQTT PUBLISH packet's size, what the byte budget counts.
     pub(super) wire_bytes: u64,
     pub(super) pick: Pick,
@@ -138,6 +141,11 @@ impl PrepareJob {
             };
             // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
             let oversize = payload.len() + topic.len() + 9 > self.max_packet_bytes;
+            let seq_of = |c: Option<&crate::record::Record>| c.map_or(0, |r| r.seq);
+            let seqs = (
+                seq_of(chunks.first().and_then(|c| c.records.first())),
+                seq_of(chunks.last().and_then(|c| c.records.last())),
+            );
             let high = self.sent_high.get(&batch.stream_id).copied();
             let resent = chunks
                 .iter()
@@ -153,6 +161,8 @@ impl PrepareJob {
                 sent,
                 resent,
                 oversize,
+                stream: batch.stream.clone(),
+                seqs,
                 wire_bytes,
                 pick: batch.pick,
             });

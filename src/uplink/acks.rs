@@ -1,4 +1,5 @@
-//! Ack correlation: which spool chunks a PUBACK acknowledges.
+//! The PUBACK-to-deletion path, all of it: which spool chunks a PUBACK acknowledges, and
+//! deleting them.
 //!
 //! rumqttc's `publish()` returning `Ok` only means "queued"; the packet id is known when its
 //! event loop reports `Outgoing::Publish(pkid)`, and it takes requests strictly FIFO. So per
@@ -9,11 +10,104 @@
 //!   bound is a retransmission of that publish and binds nothing; pkid 0 is QoS 0 and ignored;
 //! - [`Inflight::on_puback`] releases the entry bound to that pkid, whose chunks may now be
 //!   deleted from the spool. A PUBACK for an unknown pkid releases nothing.
+//! - [`Acks`] wraps the epoch's [`Inflight`] and the chunks acknowledged but not deleted yet
+//!   ([`PendingDeletes`]). Deleting is lazy by contract (a lost deletion only causes a resend):
+//!   PUBACKs are collected and deleted in one sled batch every [`DELETE_BATCH`] chunks or
+//!   [`DELETE_LINGER`], and at the end of every epoch. Nothing else deletes spool chunks.
 //!
 //! When the epoch ends the whole structure is dropped: everything not acknowledged stays in
 //! the spool and is sent again by the next epoch (a duplicate at worst, never a loss).
 
+use crate::spool::Spool;
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Acknowledged chunks deleted together (see [`PendingDeletes`]).
+pub const DELETE_BATCH: usize = 256;
+/// An acknowledged chunk waits at most this long for its deletion.
+pub const DELETE_LINGER: Duration = Duration::from_millis(200);
+
+/// A published data message whose PUBACK is awaited.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub stream_id: u32,
+    pub chunk_ids: Vec<u64>,
+    pub records: u64,
+    /// Payload size.
+    pub bytes: usize,
+}
+
+/// Acknowledged chunks not deleted yet, by stream.
+#[derive(Default)]
+struct PendingDeletes {
+    by_stream: HashMap<u32, Vec<u64>>,
+    chunks: usize,
+    since: Option<Instant>,
+}
+
+impl PendingDeletes {
+    fn add(&mut self, sent: Sent) {
+        self.chunks += sent.chunk_ids.len();
+        self.by_stream
+            .entry(sent.stream_id)
+            .or_default()
+            .extend(sent.chunk_ids);
+        self.since.get_or_insert_with(Instant::now);
+    }
+}
+
+/// One epoch's acknowledgement state: the in-flight map and the deletions it has released.
+#[derive(Default)]
+pub struct Acks {
+    pub inflight: Inflight<Sent>,
+    deletes: PendingDeletes,
+}
+
+impl Acks {
+    /// Applies a PUBACK; returns the records it acknowledged (data publishes only).
+    pub fn on_puback(&mut self, pkid: u16) -> Option<u64> {
+        match self.inflight.on_puback(pkid) {
+            Some(Tag::Data(sent)) => {
+                let records = sent.records;
+                self.deletes.add(sent);
+                Some(records)
+            }
+            _ => None,
+        }
+    }
+
+    /// Deletes a message's chunks without a PUBACK: only for chunks that can never be sent.
+    pub fn discard(&mut self, sent: Sent) {
+        self.deletes.add(sent);
+    }
+
+    /// When the pending deletions must be carried out, if any are waiting.
+    pub fn due(&self) -> Option<Instant> {
+        self.deletes.since.map(|t| t + DELETE_LINGER)
+    }
+
+    /// Enough deletions are waiting to make one batch.
+    pub fn batch_full(&self) -> bool {
+        self.deletes.chunks >= DELETE_BATCH
+    }
+
+    /// Deletes the chunks acknowledged so far, in one sled batch.
+    pub async fn delete_acked(&mut self, spool: &Spool) -> Result<(), String> {
+        if self.deletes.chunks == 0 {
+            return Ok(());
+        }
+        let acked: Vec<(u32, Vec<u64>)> = self.deletes.by_stream.drain().collect();
+        self.deletes.chunks = 0;
+        self.deletes.since = None;
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || spool.ack_many(&acked))
+            .await
+            .map_err(|e| format!("spool delete panicked: {e}"))?
+            .map_err(|e| format!("cannot delete acknowledged records: {e}"))?;
+        Ok(())
+    }
+}
 
 /// What a bound publish carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
