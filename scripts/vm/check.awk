@@ -30,8 +30,8 @@ BEGIN {
     }
 }
 END {
-    out = "RESULT " PHASE "_count=" n " " PHASE "_le_reported=" le " " PHASE "_min=" (mins < 0 ? 0 : mins) \
-        " " PHASE "_max=" maxs " " PHASE "_line_ne_seq=" mism " " PHASE "_not_increasing=" dup \
+    out = "RESULT " PHASE "_count=" n " " PHASE "_le_reported=" le " " PHASE "_min=" sprintf("%.0f", mins < 0 ? 0 : mins) \
+        " " PHASE "_max=" sprintf("%.0f", maxs) " " PHASE "_line_ne_seq=" mism " " PHASE "_not_increasing=" dup \
         " " PHASE "_unparsed=" bad
     if (PHASE == "final") out = out " final_reused=" reused " final_inexact=" inexact " final_first_bad=" firstbad
     print out

@@ -14,7 +14,7 @@
 
 VM_SUITE=bookworm
 VM_MIRROR=${VM_MIRROR:-http://deb.debian.org/debian}
-VM_PACKAGES=linux-image-amd64,systemd-sysv,udev,kmod,e2fsprogs,util-linux,procps
+VM_PACKAGES=linux-image-amd64,systemd-sysv,udev,kmod,e2fsprogs,util-linux,procps,socat
 VM_MEM_MB=${VM_MEM_MB:-1536}
 # PID 1 of the guest; empty boots the image's systemd.
 VM_INIT=${VM_INIT-/sbin/ferry-vm-init}
@@ -71,6 +71,12 @@ vm_build_image() {
         mv "$VM_CACHE/rootfs.tmp" "$VM_CACHE/rootfs"
     fi
     local root=$VM_CACHE/rootfs init
+    if [[ ! -x $root/usr/bin/socat ]]; then
+        # A tree from before socat was in VM_PACKAGES.
+        vm_log "installing socat into $root"
+        { chroot "$root" apt-get update -q && chroot "$root" apt-get install -y --no-install-recommends socat; } \
+            >>"$VM_CACHE/debootstrap.log" 2>&1 || vm_die "cannot install socat, see $VM_CACHE/debootstrap.log"
+    fi
     init=$(vm_init_script)
     if [[ ! -f $root/sbin/ferry-vm-init ]] || [[ $(cat "$root/sbin/ferry-vm-init") != "$init" ]]; then
         printf '%s\n' "$init" >"$root/sbin/ferry-vm-init"
@@ -78,7 +84,7 @@ vm_build_image() {
         mkdir -p "$root/data"
         rm -f "$VM_CACHE/rootfs.ext4"
     fi
-    if [[ ! -f $VM_CACHE/rootfs.ext4 ]]; then
+    if [[ ! -f $VM_CACHE/rootfs.ext4 || $root/var/lib/dpkg/status -nt $VM_CACHE/rootfs.ext4 ]]; then
         vm_log "building $VM_CACHE/rootfs.ext4"
         mkfs.ext4 -q -F -L ferryroot -d "$root" "$VM_CACHE/rootfs.ext4.tmp" 2G
         mv "$VM_CACHE/rootfs.ext4.tmp" "$VM_CACHE/rootfs.ext4"

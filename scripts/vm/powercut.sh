@@ -37,12 +37,13 @@ usage: $0 --ferry PATH [options]
   --seed N          random seed (default: the current time)
   --cache DIR       image cache (default: \${XDG_CACHE_HOME:-\$HOME/.cache}/ferry-vm)
   --out DIR         results directory (default: DIR/powercut-<date>)
+  --summary DIR     only print the summary of the results in DIR (also of a run still going)
 Prints one row per cut and one summary table per run; exit status 1 if any cut failed.
 EOF
 }
 
 FERRY= MODES=writeback,volatile,hold,fast CUTS=20 AFTER_EVERY=5 LINES=3000000
-MIN_S=3 MAX_S=20 CONTROL=1 SEED=$(date +%s) OUT=
+MIN_S=3 MAX_S=20 CONTROL=1 SEED=$(date +%s) OUT= SUMMARY_ONLY=0
 VM_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ferry-vm
 while (($#)); do
     case $1 in
@@ -57,23 +58,34 @@ while (($#)); do
     --seed) SEED=$2; shift 2 ;;
     --cache) VM_CACHE=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --summary) OUT=$2; SUMMARY_ONLY=1; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
     esac
 done
-[[ -n $FERRY && -x $FERRY ]] || { usage >&2; vm_die "--ferry must name an executable"; }
+if ((SUMMARY_ONLY)); then
+    FERRY=${FERRY:-?}
+elif [[ -z $FERRY || ! -x $FERRY ]]; then
+    usage >&2
+    vm_die "--ferry must name an executable"
+fi
 for t in qemu-system-x86_64 nbdkit debootstrap mkfs.ext4 jq awk; do
     command -v "$t" >/dev/null || vm_die "$t is not installed"
 done
-((EUID == 0)) || vm_die "run as root (debootstrap, /dev/kvm)"
+((EUID == 0 || SUMMARY_ONLY)) || vm_die "run as root (debootstrap, /dev/kvm)"
 [[ $CUTS =~ ^[0-9]+$ && $LINES =~ ^[0-9]+$ && $AFTER_EVERY =~ ^[1-9][0-9]*$ ]] || vm_die "bad number"
 RANDOM=$SEED
 OUT=${OUT:-$VM_CACHE/powercut-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
-WORK=$(mktemp -d "$VM_CACHE/powercut-work.XXXXXX")
+if ((SUMMARY_ONLY)); then
+    [[ -f $OUT/cuts.tsv ]] || vm_die "no $OUT/cuts.tsv"
+    WORK=
+else
+    mkdir -p "$OUT" "$VM_CACHE"
+    WORK=$(mktemp -d "$VM_CACHE/powercut-work.XXXXXX")
+fi
 cleanup() {
     vm_cleanup
-    rm -rf "$WORK"
+    [[ -z $WORK ]] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -216,7 +228,9 @@ cut() {
 
 summary() {
     echo
-    echo "ferry: $FERRY ($("$FERRY" --version 2>/dev/null || echo '?'))  lines: $LINES  seed: $SEED  results: $OUT"
+    if ((!SUMMARY_ONLY)); then
+        echo "ferry: $FERRY ($("$FERRY" --version 2>/dev/null || echo '?'))  lines: $LINES  seed: $SEED  results: $OUT"
+    fi
     if [[ -s $OUT/controls.tsv ]]; then
         echo
         echo "Control (1 s before the cut; 1 = survived): mode, synced file, buffered file (no fsync), O_DIRECT block (no flush)"
@@ -241,6 +255,10 @@ summary() {
     echo " cuts after which the resumed file had line k at seq k for every k, nothing missing or twice)"
 }
 
+if ((SUMMARY_ONLY)); then
+    summary
+    exit 0
+fi
 vm_build_image
 vm_log "accelerator: $(vm_accel); preparing the data disk ($LINES lines)"
 prepare_disk
