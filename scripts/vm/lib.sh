@@ -11,6 +11,8 @@
 # The tree carries /sbin/ferry-vm-init: a tiny PID 1 that mounts /dev/vdb on /data, runs
 # /data/guest.sh (environment: the kernel command line's unknown `name=value` words), and
 # powers off. Booting without init= gives systemd as PID 1 for tests that need it.
+# no_timer_check: without KVM on a loaded host the kernel may find the timer "not working" and
+# panic at boot.
 
 VM_SUITE=bookworm
 VM_MIRROR=${VM_MIRROR:-http://deb.debian.org/debian}
@@ -176,7 +178,7 @@ vm_start_qemu() {
         -display none -no-reboot -nic none \
         -chardev "file,id=ser0,path=$serial" -serial chardev:ser0 \
         -kernel "$VM_CACHE/vmlinuz" -initrd "$VM_CACHE/initrd" \
-        -append "root=/dev/vda ro console=ttyS0 loglevel=3 panic=-1 $append" \
+        -append "root=/dev/vda ro console=ttyS0 loglevel=3 panic=-1 no_timer_check $append" \
         -drive "file=$VM_CACHE/rootfs.ext4,if=virtio,format=raw,snapshot=on" \
         -drive "file=nbd+unix:///?socket=$sock,if=virtio,format=raw,cache=writeback" \
         </dev/null >"$serial.qemu" 2>&1 &

@@ -117,6 +117,8 @@ job_check() {
     "$F" spool export --config "$C" --stream "$STREAM" 2>/run/export2.err | check_export final
     echo "RESULT export2_rc=$? export2_panic=$(grep -c panicked /run/export2.err)"
     echo "RESULT aside_after=$(ls -d /data/spool.corrupt-* 2>/dev/null | wc -l)"
+    # Why a spool was moved aside (or what else was reported lost).
+    "$F" spool export --config "$C" --stream ferry.loss 2>/dev/null | head -n 3 | cut -c 1-600 | sed 's/^/LOSS /'
 }
 
 job_control() {

@@ -137,7 +137,8 @@ boot_vm() {
 # markers are not strictly increasing.
 last_status() {
     local f=$1
-    tr -d '\r' <"$f" | grep -a '^FERRYSTAT ' | awk '{ if ($2 + 0 <= last) bad = 1; last = $2 + 0 } END { exit bad }' ||
+    # (Only whole lines: the last one may be cut off in the middle of its number.)
+    tr -d '\r' <"$f" | grep -a '^FERRYSTAT .*}$' | awk '{ if ($2 + 0 <= last) bad = 1; last = $2 + 0 } END { exit bad }' ||
         vm_log "warning: FERRYSTAT markers not increasing in $f"
     tr -d '\r' <"$f" | grep -a '^FERRYSTAT ' | tail -n 3 | tac | while read -r _ _ json; do
         if jq -e . >/dev/null 2>&1 <<<"$json"; then
