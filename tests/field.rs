@@ -66,3 +66,107 @@ async fn journal_lines_carry_their_priority_only_when_stderr_is_the_journal() {
         agent.log()
     );
 }
+
+/// Runs `ferry run` in a new UTS namespace whose host name is `host`, with `config` (which
+/// sets no device_id); returns the child and its log path.
+fn run_with_host_name(
+    dir: &std::path::Path,
+    host: &str,
+    config: &str,
+) -> (std::process::Child, std::path::PathBuf) {
+    let config_path = dir.join("ferry.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let log_path = dir.join("ferry.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = std::process::Command::new("unshare")
+        .args([
+            "--uts",
+            "sh",
+            "-c",
+            "hostname \"$1\" && exec \"$2\" run --config \"$3\"",
+            "sh",
+        ])
+        .arg(host)
+        .arg(common::agent::ferry_bin())
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("run unshare (util-linux)");
+    (child, log_path)
+}
+
+/// The retained status topic's device part, once it arrives.
+async fn status_device(sub: &common::subscriber::Subscriber) -> Option<String> {
+    sub.wait_until(Duration::from_secs(30), |s| !s.statuses().is_empty())
+        .await
+        .then(|| {
+            let m = sub
+                .messages()
+                .into_iter()
+                .find(|m| m.topic.ends_with("/status"))?;
+            m.topic
+                .strip_prefix("ferry/")
+                .and_then(|t| t.strip_suffix("/status"))
+                .map(str::to_string)
+        })
+        .flatten()
+}
+
+/// A fresh Raspberry Pi is called `raspberrypi`; two of them must not share topics and a client
+/// id. Without `device_id` ferry derives a stable id from /etc/machine-id for stock host names
+/// and uses any other host name as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_host_name_gets_a_device_id_derived_from_the_machine_id() {
+    let machine_id = std::fs::read_to_string("/etc/machine-id")
+        .expect("this test needs /etc/machine-id (systemd's machine id), as every Debian has");
+    assert!(!machine_id.trim().is_empty(), "/etc/machine-id is empty");
+    let mut ids = Vec::new();
+    for host in ["raspberrypi", "gw-field-1"] {
+        // A broker each: the first run's retained status must not answer for the second.
+        let broker = common::broker::Broker::start(common::broker::BrokerOpts::default());
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AgentConfig::new(dir.path(), broker.plain_port());
+        let yaml: String = cfg
+            .render()
+            .lines()
+            .filter(|l| !l.starts_with("device_id:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let sub =
+            common::subscriber::Subscriber::start(broker.plain_port(), "ferry/+/status").await;
+        let (mut child, log_path) = run_with_host_name(dir.path(), host, &yaml);
+        let device = status_device(&sub).await;
+        common::send_signal(child.id(), "TERM");
+        let exited = common::wait_for_exit(&mut child, Duration::from_secs(30));
+        let log = common::read_log(&log_path);
+        assert!(exited.is_some_and(|s| s.success()), "{log}");
+        let device = device.unwrap_or_else(|| panic!("no status message from {host}\n{log}"));
+        let started = log
+            .lines()
+            .find(|l| l.contains("ferry starting."))
+            .unwrap_or_else(|| panic!("no start line\n{log}"));
+        assert!(started.contains(&format!("device={device}")), "{started}");
+        ids.push((host, device, started.to_string()));
+    }
+    let (_, pi, pi_line) = &ids[0];
+    let suffix = pi
+        .strip_prefix("raspberrypi-")
+        .unwrap_or_else(|| panic!("{pi} is not raspberrypi-<suffix>"));
+    assert_eq!(suffix.len(), 12, "{pi}");
+    assert!(suffix.chars().all(|c| c.is_ascii_hexdigit()), "{pi}");
+    assert!(
+        !machine_id.contains(suffix),
+        "the machine id itself is not published"
+    );
+    assert!(
+        pi_line.contains("/etc/machine-id"),
+        "the log says where the id came from: {pi_line}"
+    );
+    assert_eq!(
+        ids[1].1, "gw-field-1",
+        "a distinct host name is used as it is"
+    );
+}

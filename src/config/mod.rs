@@ -8,6 +8,7 @@
 //! - [`Config`] is the validated form the rest of the agent uses. Relative paths in the file are
 //!   taken relative to the directory holding the file.
 
+mod device_id;
 pub mod locate;
 pub mod raw;
 mod settings;
