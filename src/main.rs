@@ -41,6 +41,9 @@ enum Command {
     Status {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// The agent's status socket (default: from the config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
@@ -84,7 +87,11 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Command::Run { config } => run(config),
-        Command::Status { config, json } => status(config, json),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status(config, socket, json),
         Command::Spool { command } => spool(command),
         Command::Decode { files } => decode(&files),
     }
@@ -174,12 +181,34 @@ fn run(path: PathBuf) -> ExitCode {
     }
 }
 
-fn status(path: PathBuf, json: bool) -> ExitCode {
-    let config = match config::load(&path) {
-        Ok(c) => c,
-        Err(e) => return config_error(&e),
-    };
-    let socket = config.status_socket.clone();
+/// The socket of the packaged agent (spool in /var/lib/ferry/spool).
+const DEFAULT_SOCKET: &str = "/var/lib/ferry/ferry.sock";
+
+/// Where `ferry status` asks: `--socket`, else the config's socket. A config that does not
+/// validate (an edit not yet applied) still names the socket of the agent running on the
+/// previous one, so its problems are printed as a warning and the socket is read leniently.
+fn status_socket(path: &std::path::Path, socket: Option<PathBuf>) -> PathBuf {
+    if let Some(s) = socket {
+        return s;
+    }
+    match config::load(path) {
+        Ok(c) => c.status_socket,
+        Err(e) => {
+            for line in e.issues() {
+                eprintln!("warning: {line}");
+            }
+            let socket = config::status_socket_hint(path).unwrap_or_else(|| DEFAULT_SOCKET.into());
+            eprintln!(
+                "warning: the config does not validate (a running agent keeps its last good one); asking {}",
+                socket.display()
+            );
+            socket
+        }
+    }
+}
+
+fn status(path: PathBuf, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let socket = status_socket(&path, socket);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -203,6 +232,16 @@ fn status(path: PathBuf, json: bool) -> ExitCode {
         print!("{}", render_status(&status));
     }
     ExitCode::SUCCESS
+}
+
+/// A JSON value as table text: strings without quotes, missing values as `-`, so that
+/// width and alignment apply (a `serde_json::Value` ignores them).
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn render_status(s: &serde_json::Value) -> String {
@@ -280,10 +319,10 @@ fn render_status(s: &serde_json::Value) -> String {
         out += &format!(
             "{:<20} {:>10} {:>12} {:>10} {:>9} {:>12}\n",
             st["name"].as_str().unwrap_or("?"),
-            st["records"],
-            st["bytes"],
-            st["next_seq"],
-            st["evicted"],
+            cell(&st["records"]),
+            cell(&st["bytes"]),
+            cell(&st["next_seq"]),
+            cell(&st["evicted"]),
             age
         );
     }
@@ -296,15 +335,29 @@ fn render_status(s: &serde_json::Value) -> String {
             "{:<20} {:>8} {:>9} {:>11}\n",
             col["name"].as_str().unwrap_or("?"),
             col["kind"].as_str().unwrap_or("?"),
-            col["restarts"],
-            col["suppressed"]
+            cell(&col["restarts"]),
+            cell(&col["suppressed"])
         );
     }
     out
 }
 
+/// sysexits' EX_NOINPUT: there is no spool to look into.
+const EXIT_NO_INPUT: u8 = 66;
+
+/// Opens an existing spool for inspection. A missing or empty directory is an error, not a
+/// new spool: `inspect` on a typo must not create a database and report it empty.
 fn open_spool(path: &std::path::Path) -> Result<(Config, Spool), ExitCode> {
     let config = config::load(path).map_err(|e| config_error(&e))?;
+    let dir = &config.spool.dir;
+    if !dir.join("db").is_file() {
+        eprintln!(
+            "error: no spool at {} (spool.dir in {}); nothing to inspect",
+            dir.display(),
+            path.display()
+        );
+        return Err(ExitCode::from(EXIT_NO_INPUT));
+    }
     match Spool::open(&config.spool) {
         Ok(s) => Ok((config, s)),
         Err(e) => {
@@ -376,6 +429,24 @@ fn spool(command: SpoolCommand) -> ExitCode {
                 Ok(x) => x,
                 Err(code) => return code,
             };
+            let known: Vec<String> = match spool.inspect() {
+                Ok(r) => r.into_iter().map(|s| s.name).collect(),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if !known.contains(&stream) {
+                eprintln!(
+                    "error: the spool has no stream {stream:?}; its streams: {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                );
+                return ExitCode::from(EXIT_NO_INPUT);
+            }
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut write_error = None;

@@ -170,3 +170,163 @@ async fn a_stock_host_name_gets_a_device_id_derived_from_the_machine_id() {
         "a distinct host name is used as it is"
     );
 }
+
+fn ferry(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::agent::ferry_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ferry")
+}
+
+/// The rows under the table header starting with `title`, up to the next blank line.
+fn table<'a>(status: &'a str, title: &str) -> Vec<&'a str> {
+    status
+        .lines()
+        .skip_while(|l| !l.starts_with(title))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ferry status`: columns line up; a config with a bad edit (not yet applied) does not hide
+/// the running agent; `--socket` asks a given socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_aligns_its_table_survives_a_bad_edit_and_takes_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig::new(dir.path(), common::ports::free_port());
+    let agent = Agent::spawn(dir.path(), &cfg.render());
+    let config = agent.config_path().display().to_string();
+    // Wait until the agent answers and its stream table has the system stream.
+    let mut status = None;
+    for _ in 0..300 {
+        let out = ferry(&["status", "--config", &config]);
+        let t = text(&out.stdout);
+        if out.status.success() && table(&t, "STREAM").iter().any(|r| r.starts_with("system ")) {
+            status = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status =
+        status.unwrap_or_else(|| panic!("no status with a system stream\n{}", agent.log()));
+    let header = status
+        .lines()
+        .find(|l| l.starts_with("STREAM"))
+        .expect("stream table header");
+    let rows = table(&status, "STREAM");
+    for row in &rows {
+        assert_eq!(
+            row.len(),
+            header.len(),
+            "row {row:?} does not line up with {header:?}\n{status}"
+        );
+    }
+    let collectors = status
+        .lines()
+        .skip_while(|l| !l.starts_with("COLLECTOR"))
+        .collect::<Vec<_>>();
+    assert!(collectors.len() >= 2, "{status}");
+    for row in &collectors[1..] {
+        assert_eq!(row.len(), collectors[0].len(), "{row:?}\n{status}");
+    }
+
+    // A bad edit of the file: status still reaches the running agent, with a warning.
+    let good = std::fs::read_to_string(agent.config_path()).unwrap();
+    std::fs::write(agent.config_path(), format!("{good}\nnot_a_key: 1\n")).unwrap();
+    let out = ferry(&["status", "--config", &config]);
+    assert!(out.status.success(), "status with a bad edit: {out:?}");
+    assert!(
+        text(&out.stderr).contains("not_a_key"),
+        "the problem is shown: {out:?}"
+    );
+    assert!(text(&out.stdout).contains("STREAM"), "{out:?}");
+
+    // --socket, with no config file at all.
+    let socket = dir.path().join("ferry.sock");
+    assert!(
+        socket.exists(),
+        "the default socket sits beside the spool dir"
+    );
+    let out = ferry(&[
+        "status",
+        "--json",
+        "--config",
+        "/nonexistent/ferry.yaml",
+        "--socket",
+        &socket.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["device"], "test-gw");
+}
+
+/// `spool inspect` and `spool export` look into an existing spool; they never create one, and
+/// a stream name that is not there is an error that lists the streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_commands_refuse_a_missing_spool_and_an_unknown_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig::new(dir.path(), common::ports::free_port());
+    let config_path = dir.path().join("ferry.yaml");
+    std::fs::write(&config_path, cfg.render()).unwrap();
+    let config = config_path.display().to_string();
+    let spool_dir = cfg.spool_dir.clone();
+
+    // Missing directory.
+    let out = ferry(&["spool", "inspect", "--config", &config]);
+    assert_eq!(out.status.code(), Some(66), "{out:?}");
+    assert!(text(&out.stderr).contains("no spool at"), "{out:?}");
+    assert!(
+        !spool_dir.exists(),
+        "inspect created {}",
+        spool_dir.display()
+    );
+    // Empty directory.
+    std::fs::create_dir_all(&spool_dir).unwrap();
+    let out = ferry(&["spool", "export", "--stream", "system", "--config", &config]);
+    assert_eq!(out.status.code(), Some(66), "{out:?}");
+    assert_eq!(
+        std::fs::read_dir(&spool_dir).unwrap().count(),
+        0,
+        "export wrote into an empty directory"
+    );
+
+    // A real spool, then a typo in the stream name.
+    let mut agent = Agent::spawn(dir.path(), &cfg.render());
+    assert!(
+        agent
+            .wait_for_log("ferry starting.", Duration::from_secs(30))
+            .await,
+        "{}",
+        agent.log()
+    );
+    let mut committed = false;
+    for _ in 0..300 {
+        let out = ferry(&["status", "--json", "--config", &config]);
+        if out.status.success() {
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if json["counters"]["committed"].as_u64() > Some(0) {
+                committed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(committed, "nothing committed\n{}", agent.log());
+    assert!(agent.terminate().success());
+    let out = ferry(&["spool", "export", "--stream", "sytsem", "--config", &config]);
+    assert_eq!(out.status.code(), Some(66), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("\"sytsem\"") && err.contains("system"),
+        "{err}"
+    );
+    let out = ferry(&["spool", "export", "--stream", "system", "--config", &config]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!out.stdout.is_empty(), "{out:?}");
+}

@@ -108,6 +108,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, path)
 }
 
+/// Where the running agent's status socket is, for `ferry status` when the config file does
+/// not validate (an edit in progress must not hide a running agent): `status_socket`, else
+/// next to `spool.dir`, read leniently from whatever of the file parses as YAML; `None` when
+/// not even that does.
+pub fn status_socket_hint(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let resolve = |p: &str| base.join(p);
+    if let Some(sock) = doc.get("status_socket").and_then(|v| v.as_str()) {
+        return Some(resolve(sock));
+    }
+    let dir = doc.get("spool")?.get("dir")?.as_str()?;
+    Some(settings::default_status_socket(&resolve(dir)))
+}
+
 /// Parses and validates config text; `path` names the file in messages and anchors relative
 /// paths.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
