@@ -9,6 +9,7 @@
 //!   taken relative to the directory holding the file.
 
 mod device_id;
+mod env;
 pub mod locate;
 pub mod raw;
 mod settings;
@@ -134,6 +135,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         file: path.to_path_buf(),
         issues,
     };
+    // `${NAME}` from the environment; values never add lines, so positions stay true.
+    let expanded = env::expand(text, |name| std::env::var(name).ok()).map_err(invalid)?;
+    let text = expanded.as_str();
     let locator = Locator::new(text);
     let place = |mut issue: Issue| {
         if issue.position.is_none() {
