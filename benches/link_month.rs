@@ -32,7 +32,10 @@ const PRODUCTION: &str = include_str!("../config/ferry.production.yaml");
 
 /// The settings the production file had before the cellular profile.
 const BEFORE: &[(&str, &str)] = &[
-    ("self_metrics_interval_ms: 3600000", "self_metrics_interval_ms: 60000"),
+    (
+        "self_metrics_interval_ms: 3600000",
+        "self_metrics_interval_ms: 60000",
+    ),
     ("keepalive_s: 120", "keepalive_s: 60"),
     ("linger_ms: 600000", "linger_ms: 5000"),
     ("encoding: cbor", "encoding: json"),
@@ -59,7 +62,10 @@ fn localise(text: &str, device: &str, port: u16, ca: &Path, dir: &Path) -> Strin
     ];
     let mut out = text.to_string();
     for (from, to) in swaps {
-        assert!(out.contains(from), "the production config no longer has {from:?}");
+        assert!(
+            out.contains(from),
+            "the production config no longer has {from:?}"
+        );
         out = out.replacen(from, &to, 1);
     }
     format!("device_id: {device}\n{out}")
@@ -73,13 +79,7 @@ struct Run {
     _dir: tempfile::TempDir,
 }
 
-fn start(
-    name: &'static str,
-    device: &'static str,
-    text: &str,
-    broker: &Broker,
-    pki: &Pki,
-) -> Run {
+fn start(name: &'static str, device: &'static str, text: &str, broker: &Broker, pki: &Pki) -> Run {
     let dir = tempfile::tempdir().expect("temp dir");
     let proxy = Proxy::start(broker.secure_port().expect("a TLS listener"));
     let yaml = localise(text, device, proxy.port(), &pki.ca_crt, dir.path());
@@ -116,12 +116,21 @@ async fn bench(seconds: u64) {
     let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
     let mut before_text = PRODUCTION.to_string();
     for (now, then) in BEFORE {
-        assert!(before_text.contains(now), "the production config no longer has {now:?}");
+        assert!(
+            before_text.contains(now),
+            "the production config no longer has {now:?}"
+        );
         before_text = before_text.replacen(now, then, 1);
     }
     let mut runs = vec![
         start("shipped", "gw-month-a", PRODUCTION, &broker, &pki),
-        start("before (baseline)", "gw-month-b", &before_text, &broker, &pki),
+        start(
+            "before (baseline)",
+            "gw-month-b",
+            &before_text,
+            &broker,
+            &pki,
+        ),
     ];
     let started = Instant::now();
     eprintln!("link_month: running both agents for {seconds} s");
@@ -137,15 +146,25 @@ async fn bench(seconds: u64) {
     println!("link_month: {elapsed:.0} s, MQTT over TLS through a counting proxy, month = 30 days");
     println!(
         "{:<20} {:>10} {:>10} {:>6} {:>9} {:>8} {:>8} {:>12} {:>7}",
-        "profile", "bytes up", "bytes dn", "conns", "data msgs", "records", "B/record", "MB/month", "ratio"
+        "profile",
+        "bytes up",
+        "bytes dn",
+        "conns",
+        "data msgs",
+        "records",
+        "B/record",
+        "MB/month",
+        "ratio"
     );
-    let month = |c: &common::proxy::Counters| {
-        (c.bytes_up + c.bytes_down) as f64 / elapsed * MONTH_S / 1e6
-    };
+    let month =
+        |c: &common::proxy::Counters| (c.bytes_up + c.bytes_down) as f64 / elapsed * MONTH_S / 1e6;
     let baseline = month(&counted[1]);
     for (r, c) in runs.iter().zip(&counted) {
         let prefix = format!("ferry/{}/data/", r.device);
-        let data = sub.messages().into_iter().filter(|m| m.topic.starts_with(&prefix));
+        let data = sub
+            .messages()
+            .into_iter()
+            .filter(|m| m.topic.starts_with(&prefix));
         let (msgs, records) = data.fold((0usize, 0usize), |(n, recs), m| {
             let k = m
                 .json
@@ -163,7 +182,11 @@ async fn bench(seconds: u64) {
             c.connections,
             msgs,
             records,
-            if records > 0 { total / records as f64 } else { f64::NAN },
+            if records > 0 {
+                total / records as f64
+            } else {
+                f64::NAN
+            },
             month(c),
             month(c) / baseline
         );

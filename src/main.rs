@@ -37,6 +37,16 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Run every enabled collector once and print what it produces as JSON lines (as the
+    /// records would be sent, without their seq), with no spool and no broker; then exit.
+    /// Exit code 1 if a collector produced nothing.
+    Test {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// How long to wait for each collector's first readings.
+        #[arg(long, default_value_t = 10_000)]
+        wait_ms: u64,
+    },
     /// Ask the running agent for its state (through its local status socket).
     Status {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -87,6 +97,7 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Command::Run { config } => run(config),
+        Command::Test { config, wait_ms } => dry_run(config, wait_ms),
         Command::Status {
             config,
             socket,
@@ -205,6 +216,47 @@ fn status_socket(path: &std::path::Path, socket: Option<PathBuf>) -> PathBuf {
             socket
         }
     }
+}
+
+fn dry_run(path: PathBuf, wait_ms: u64) -> ExitCode {
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rounds = runtime.block_on(lifecycle::dry_run::one_round(
+        &config,
+        std::time::Duration::from_millis(wait_ms),
+    ));
+    let mut out = std::io::stdout().lock();
+    let mut code = ExitCode::SUCCESS;
+    for round in rounds {
+        for r in &round.readings {
+            if writeln!(out, "{}", lifecycle::dry_run::reading_json(r)).is_err() {
+                return ExitCode::FAILURE;
+            }
+        }
+        eprintln!(
+            "{}: {} readings{}",
+            round.collector,
+            round.readings.len(),
+            round.note.map_or(String::new(), |n| format!(" ({n})"))
+        );
+        if round.readings.is_empty() {
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
 }
 
 fn status(path: PathBuf, socket: Option<PathBuf>, json: bool) -> ExitCode {

@@ -330,3 +330,70 @@ async fn spool_commands_refuse_a_missing_spool_and_an_unknown_stream() {
     assert!(out.status.success(), "{out:?}");
     assert!(!out.stdout.is_empty(), "{out:?}");
 }
+
+/// `ferry test` runs each collector once and prints what it produces, with no broker and no
+/// spool; a collector that produces nothing makes it exit 1, saying which.
+#[test]
+fn ferry_test_prints_one_round_of_every_collector_without_a_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    std::fs::write(&log, "temp=21.5 hum=40\ntemp=22 hum=41\ngarbage line\n").unwrap();
+    let quiet = dir.path().join("quiet.log");
+    std::fs::write(&quiet, "").unwrap();
+    let spool = dir.path().join("spool");
+    let config = dir.path().join("ferry.yaml");
+    let yaml = format!(
+        "device_id: t\nspool:\n  dir: {spool}\nuplink:\n  host: 127.0.0.1\n  port: {port}\ncollectors:\n  - type: system\n    name: system\n    interval_ms: 1000\n  - type: file\n    name: app\n    path: {log}\n    start_at: beginning\n    format:\n      type: kv\n",
+        spool = spool.display(),
+        port = common::ports::free_port(),
+        log = log.display()
+    );
+    std::fs::write(&config, &yaml).unwrap();
+    let out = ferry(&["test", "--config", &config.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    let of = |stream: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["stream"] == stream).collect()
+    };
+    let system = of("system");
+    assert_eq!(system.len(), 1, "{lines:?}");
+    assert!(
+        system[0]["fields"]["mem.total_bytes"].as_u64() > Some(0),
+        "{lines:?}"
+    );
+    let app = of("app");
+    assert_eq!(app.len(), 2, "{lines:?}");
+    assert_eq!(app[0]["fields"]["temp"], 21.5);
+    assert_eq!(app[1]["fields"]["hum"], 41);
+    let loss = of("ferry.loss");
+    assert_eq!(
+        loss.len(),
+        1,
+        "the garbage line is reported as it would be: {lines:?}"
+    );
+    assert_eq!(loss[0]["fields"]["reason"], "malformed");
+    assert!(!spool.exists(), "ferry test must not create the spool");
+
+    // A collector with nothing to say: exit 1 and its name on stderr.
+    let yaml = format!(
+        "{yaml}  - type: file\n    name: quiet\n    path: {}\n    start_at: beginning\n",
+        quiet.display()
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let out = ferry(&[
+        "test",
+        "--wait-ms",
+        "1500",
+        "--config",
+        &config.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("quiet: 0 readings (nothing within 1500 ms"),
+        "{out:?}"
+    );
+    assert!(!spool.exists(), "ferry test must not create the spool");
+}

@@ -53,7 +53,11 @@ fn expand_line(
             continue;
         };
         let Some(close) = body.find('}') else {
-            issues.push(issue(line, column, "`${` without a closing `}` (write `$${` for a literal `${`)".into()));
+            issues.push(issue(
+                line,
+                column,
+                "`${` without a closing `}` (write `$${` for a literal `${`)".into(),
+            ));
             out.push_str(at);
             return out;
         };
@@ -139,9 +143,13 @@ mod tests {
 
     #[test]
     fn variables_defaults_and_escapes_are_replaced() {
-        let text = "a: ${SITE}\nb: ${NOPE:-fallback}\nc: ${EMPTY:-x}\nd: '$${HOME}'\ne: ${EMPTY}\nf: $5\n";
+        let text =
+            "a: ${SITE}\nb: ${NOPE:-fallback}\nc: ${EMPTY:-x}\nd: '$${HOME}'\ne: ${EMPTY}\nf: $5\n";
         let out = expand(text, env).unwrap();
-        assert_eq!(out, "a: north\nb: fallback\nc: x\nd: '${HOME}'\ne: \nf: $5\n");
+        assert_eq!(
+            out,
+            "a: north\nb: fallback\nc: x\nd: '${HOME}'\ne: \nf: $5\n"
+        );
     }
 
     #[test]

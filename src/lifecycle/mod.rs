@@ -21,6 +21,7 @@
 //! A second SIGTERM/SIGINT exits at once: whatever was committed is already durable.
 
 pub mod control;
+pub mod dry_run;
 pub mod logging;
 pub mod self_metrics;
 pub mod signals;

@@ -272,6 +272,9 @@ mod tests {
         let mut topics: Vec<&str> = out.messages.iter().map(|m| m.topic.as_str()).collect();
         topics.sort_unstable();
         assert_eq!(topics, ["ferry/gw/data/alarm", "ferry/gw/data/ferry.loss"]);
-        assert!(out.linger_due_ms.is_some(), "the normal stream still lingers");
+        assert!(
+            out.linger_due_ms.is_some(),
+            "the normal stream still lingers"
+        );
     }
 }
