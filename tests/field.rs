@@ -397,3 +397,79 @@ fn ferry_test_prints_one_round_of_every_collector_without_a_broker() {
     );
     assert!(!spool.exists(), "ferry test must not create the spool");
 }
+
+/// `ferry.d/*.yaml` beside `ferry.yaml` is merged over it in name order: mappings merge,
+/// collectors are appended, and every problem names the drop-in file and line it is on.
+#[test]
+fn drop_in_files_merge_in_name_order_and_errors_name_their_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("site.log");
+    std::fs::write(&log, "level=3\n").unwrap();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id: main-id\nspool:\n  dir: {}\nuplink:\n  host: 127.0.0.1\n  port: 1\ncollectors:\n  - type: system\n    name: system\n    interval_ms: 1000\n",
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let d = dir.path().join("ferry.d");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(
+        d.join("20-site.yaml"),
+        format!(
+            "# per-site collectors\ncollectors:\n  - type: file\n    name: site\n    path: {}\n    start_at: beginning\n    format:\n      type: kv\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("10-device.yaml"), "device_id: dropin-id\n").unwrap();
+    std::fs::write(d.join("notes.txt"), "not: [yaml").unwrap();
+    let cfg = config.display().to_string();
+    let out = ferry(&["validate", "--config", &cfg]);
+    assert!(out.status.success(), "{out:?}");
+    let out = ferry(&["test", "--config", &cfg]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("\"stream\":\"site\"") && stdout.contains("\"level\":3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"stream\":\"system\""),
+        "the main file's collector stays: {stdout}"
+    );
+
+    // Errors: an unknown key in one drop-in, a bad value in a collector of another.
+    std::fs::write(
+        d.join("10-device.yaml"),
+        "device_id: dropin-id\nuplink:\n  tsl: {}\n",
+    )
+    .unwrap();
+    let site = std::fs::read_to_string(d.join("20-site.yaml")).unwrap();
+    std::fs::write(
+        d.join("20-site.yaml"),
+        site.replace("start_at: beginning", "start_at: middle"),
+    )
+    .unwrap();
+    let out = ferry(&["validate", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = text(&out.stderr);
+    let first = d.join("10-device.yaml").display().to_string();
+    assert!(
+        err.contains(&format!("{first}:3:3: uplink.tsl")) || err.contains(&format!("{first}:3:")),
+        "the unknown key is placed in its drop-in:\n{err}"
+    );
+    // Fix the first; the second's error is then placed in its own file, with the item's index
+    // there (0), not in the merged list (1).
+    std::fs::write(d.join("10-device.yaml"), "device_id: dropin-id\n").unwrap();
+    let out = ferry(&["validate", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = text(&out.stderr);
+    let second = d.join("20-site.yaml").display().to_string();
+    assert!(
+        err.contains(&format!("{second}:6:")) && err.contains("collectors[0].start_at"),
+        "the bad value is placed at its line in its drop-in:\n{err}"
+    );
+}
