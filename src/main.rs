@@ -37,10 +37,23 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Run every enabled collector once and print what it produces as JSON lines (as the
+    /// records would be sent, without their seq), with no spool and no broker; then exit.
+    /// Exit code 1 if a collector produced nothing.
+    Test {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// How long to wait for each collector's first readings.
+        #[arg(long, default_value_t = 10_000)]
+        wait_ms: u64,
+    },
     /// Ask the running agent for its state (through its local status socket).
     Status {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// The agent's status socket (default: from the config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
@@ -96,7 +109,12 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Command::Run { config } => run(config),
-        Command::Status { config, json } => status(config, json),
+        Command::Test { config, wait_ms } => dry_run(config, wait_ms),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status(config, socket, json),
         Command::Spool { command } => spool(command),
         Command::Decode { files } => decode(&files),
     }
@@ -186,12 +204,75 @@ fn run(path: PathBuf) -> ExitCode {
     }
 }
 
-fn status(path: PathBuf, json: bool) -> ExitCode {
+/// The socket of the packaged agent (spool in /var/lib/ferry/spool).
+const DEFAULT_SOCKET: &str = "/var/lib/ferry/ferry.sock";
+
+/// Where `ferry status` asks: `--socket`, else the config's socket. A config that does not
+/// validate (an edit not yet applied) still names the socket of the agent running on the
+/// previous one, so its problems are printed as a warning and the socket is read leniently.
+fn status_socket(path: &std::path::Path, socket: Option<PathBuf>) -> PathBuf {
+    if let Some(s) = socket {
+        return s;
+    }
+    match config::load(path) {
+        Ok(c) => c.status_socket,
+        Err(e) => {
+            for line in e.issues() {
+                eprintln!("warning: {line}");
+            }
+            let socket = config::status_socket_hint(path).unwrap_or_else(|| DEFAULT_SOCKET.into());
+            eprintln!(
+                "warning: the config does not validate (a running agent keeps its last good one); asking {}",
+                socket.display()
+            );
+            socket
+        }
+    }
+}
+
+fn dry_run(path: PathBuf, wait_ms: u64) -> ExitCode {
     let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
-    let socket = config.status_socket.clone();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rounds = runtime.block_on(lifecycle::dry_run::one_round(
+        &config,
+        std::time::Duration::from_millis(wait_ms),
+    ));
+    let mut out = std::io::stdout().lock();
+    let mut code = ExitCode::SUCCESS;
+    for round in rounds {
+        for r in &round.readings {
+            if writeln!(out, "{}", lifecycle::dry_run::reading_json(r)).is_err() {
+                return ExitCode::FAILURE;
+            }
+        }
+        eprintln!(
+            "{}: {} readings{}",
+            round.collector,
+            round.readings.len(),
+            round.note.map_or(String::new(), |n| format!(" ({n})"))
+        );
+        if round.readings.is_empty() {
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
+}
+
+fn status(path: PathBuf, socket: Option<PathBuf>, json: bool) -> ExitCode {
+    let socket = status_socket(&path, socket);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -215,6 +296,16 @@ fn status(path: PathBuf, json: bool) -> ExitCode {
         print!("{}", render_status(&status));
     }
     ExitCode::SUCCESS
+}
+
+/// A JSON value as table text: strings without quotes, missing values as `-`, so that
+/// width and alignment apply (a `serde_json::Value` ignores them).
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn render_status(s: &serde_json::Value) -> String {
@@ -292,10 +383,10 @@ fn render_status(s: &serde_json::Value) -> String {
         out += &format!(
             "{:<20} {:>10} {:>12} {:>10} {:>9} {:>12}\n",
             st["name"].as_str().unwrap_or("?"),
-            st["records"],
-            st["bytes"],
-            st["next_seq"],
-            st["evicted"],
+            cell(&st["records"]),
+            cell(&st["bytes"]),
+            cell(&st["next_seq"]),
+            cell(&st["evicted"]),
             age
         );
     }
@@ -308,15 +399,29 @@ fn render_status(s: &serde_json::Value) -> String {
             "{:<20} {:>8} {:>9} {:>11}\n",
             col["name"].as_str().unwrap_or("?"),
             col["kind"].as_str().unwrap_or("?"),
-            col["restarts"],
-            col["suppressed"]
+            cell(&col["restarts"]),
+            cell(&col["suppressed"])
         );
     }
     out
 }
 
+/// sysexits' EX_NOINPUT: there is no spool to look into.
+const EXIT_NO_INPUT: u8 = 66;
+
+/// Opens an existing spool for inspection. A missing or empty directory is an error, not a
+/// new spool: `inspect` on a typo must not create a database and report it empty.
 fn open_spool(path: &std::path::Path) -> Result<(Config, Spool), ExitCode> {
     let config = config::load(path).map_err(|e| config_error(&e))?;
+    let dir = &config.spool.dir;
+    if !dir.join("db").is_file() {
+        eprintln!(
+            "error: no spool at {} (spool.dir in {}); nothing to inspect",
+            dir.display(),
+            path.display()
+        );
+        return Err(ExitCode::from(EXIT_NO_INPUT));
+    }
     // Never moves a corrupt spool aside: inspecting must not change what is inspected.
     match Spool::open_to_inspect(&config.spool) {
         Ok(s) => Ok((config, s)),
@@ -389,6 +494,24 @@ fn spool(command: SpoolCommand) -> ExitCode {
                 Ok(x) => x,
                 Err(code) => return code,
             };
+            let known: Vec<String> = match spool.inspect() {
+                Ok(r) => r.into_iter().map(|s| s.name).collect(),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if !known.contains(&stream) {
+                eprintln!(
+                    "error: the spool has no stream {stream:?}; its streams: {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                );
+                return ExitCode::from(EXIT_NO_INPUT);
+            }
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut write_error = None;

@@ -13,6 +13,9 @@
 //! config only assembles and validates them. So config imports those modules and none of them
 //! imports config; only the lifecycle and `main` do (docs/ARCHITECTURE.md, "Layers").
 
+mod device_id;
+mod dropin;
+mod env;
 pub mod locate;
 pub mod raw;
 mod settings;
@@ -36,6 +39,9 @@ pub enum ConfigError {
     },
     #[error("{}", render_issues(file, issues))]
     Invalid { file: PathBuf, issues: Vec<Issue> },
+    /// Problems of a config merged from several files (drop-ins), each with its own file.
+    #[error("{}", issues.iter().map(|(f, i)| render_issue(f, i)).collect::<Vec<_>>().join("\n"))]
+    InvalidIn { issues: Vec<(PathBuf, Issue)> },
 }
 
 impl ConfigError {
@@ -45,6 +51,9 @@ impl ConfigError {
             ConfigError::Read { .. } => vec![self.to_string()],
             ConfigError::Invalid { file, issues } => {
                 issues.iter().map(|i| render_issue(file, i)).collect()
+            }
+            ConfigError::InvalidIn { issues } => {
+                issues.iter().map(|(f, i)| render_issue(f, i)).collect()
             }
         }
     }
@@ -72,25 +81,167 @@ fn render_issues(file: &Path, issues: &[Issue]) -> String {
         .join("\n")
 }
 
-/// Reads, parses and validates the config file at `path`.
+/// Reads, parses and validates the config file at `path`, with its drop-in files
+/// (`ferry.d/*.yaml` beside `ferry.yaml`, see [`dropin`]) merged over it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let text = read(path)?;
+    let dropins = dropin::files(path).map_err(|source| ConfigError::Read {
+        path: dropin::dir_of(path),
         source,
     })?;
-    parse(&text, path)
+    if dropins.is_empty() {
+        return parse(&text, path);
+    }
+    let mut files = vec![(path.to_path_buf(), text)];
+    for p in dropins {
+        let t = read(&p)?;
+        files.push((p, t));
+    }
+    parse_merged(&files)
+}
+
+/// The checks every file gets before YAML parsing: byte order mark, `${NAME}`, tabs. Returns
+/// the text to parse.
+fn prepare(text: &str) -> Result<String, Vec<Issue>> {
+    // Editors on Windows save UTF-8 with a byte order mark; YAML would read it as part of the
+    // first key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // `${NAME}` from the environment; values never add lines, so positions stay true.
+    let text = env::expand(text, |name| std::env::var(name).ok())?;
+    if let Some((n, line)) = text.lines().enumerate().find(|(_, l)| {
+        let indent: String = l.chars().take_while(|c| c.is_whitespace()).collect();
+        indent.contains('\t')
+    }) {
+        let column = line.find('\t').unwrap_or(0) + 1;
+        return Err(vec![Issue {
+            path: String::new(),
+            message: "a tab is used for indentation; YAML allows only spaces".into(),
+            position: Some(Position {
+                line: n + 1,
+                column,
+            }),
+        }]);
+    }
+    Ok(text)
+}
+
+fn is_blank(text: &str) -> bool {
+    text.lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+}
+
+/// A YAML syntax or type error as an issue (position and path from the error).
+fn yaml_issue(e: serde_path_to_error::Error<serde_yaml::Error>, locator: &Locator) -> Issue {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let position = inner.location().map(|l| Position {
+        line: l.line(),
+        column: l.column(),
+    });
+    let path = if path == "." { String::new() } else { path };
+    let message = strip_path_prefix(&strip_location(&inner.to_string()), &path);
+    // serde_yaml places a duplicated key at its mapping; point at the second occurrence.
+    let position = duplicate_field(&message)
+        .and_then(|field| locator.find_nth(&join_path(&path, field), 1))
+        .or(position);
+    Issue {
+        path,
+        message,
+        position,
+    }
+}
+
+/// Parses the main file and its drop-ins (in order), merges them and validates the result;
+/// every problem names the file it is in.
+fn parse_merged(files: &[(PathBuf, String)]) -> Result<Config, ConfigError> {
+    let mut issues: Vec<(PathBuf, Issue)> = Vec::new();
+    let mut sources = Vec::new();
+    let mut values = Vec::new();
+    for (file, text) in files {
+        let text = match prepare(text) {
+            Ok(t) => t,
+            Err(found) => {
+                issues.extend(found.into_iter().map(|i| (file.clone(), i)));
+                continue;
+            }
+        };
+        let locator = Locator::new(&text);
+        if is_blank(&text) {
+            values.push((sources.len(), None));
+        } else {
+            let de = serde_yaml::Deserializer::from_str(&text);
+            match serde_path_to_error::deserialize::<_, serde_yaml::Value>(de) {
+                Ok(v) if v.is_mapping() => values.push((sources.len(), Some(v))),
+                Ok(_) => issues.push((
+                    file.clone(),
+                    Issue::new("", "a config file must be a mapping of keys to values"),
+                )),
+                Err(e) => issues.push((file.clone(), yaml_issue(e, &locator))),
+            }
+        }
+        sources.push(dropin::Source {
+            file: file.clone(),
+            locator,
+        });
+    }
+    if !issues.is_empty() {
+        return Err(ConfigError::InvalidIn { issues });
+    }
+    let mut merged = serde_yaml::Value::Mapping(Default::default());
+    let mut prov = dropin::Provenance::default();
+    for (source, value) in values {
+        if let Some(v) = value {
+            dropin::merge(&mut merged, v, source, &mut prov);
+        }
+    }
+    let invalid = |found: Vec<Issue>| ConfigError::InvalidIn {
+        issues: found.into_iter().map(|i| prov.place(&sources, i)).collect(),
+    };
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let message = strip_path_prefix(&strip_location(&e.into_inner().to_string()), &path);
+        invalid(vec![Issue::new(path, message)])
+    })?;
+    let path = &files[0].0;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    settings::validate(raw, &base, path).map_err(invalid)
+}
+
+/// Where the running agent's status socket is, for `ferry status` when the config file does
+/// not validate (an edit in progress must not hide a running agent): `status_socket`, else
+/// next to `spool.dir`, read leniently from whatever of the file parses as YAML; `None` when
+/// not even that does.
+pub fn status_socket_hint(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let resolve = |p: &str| base.join(p);
+    if let Some(sock) = doc.get("status_socket").and_then(|v| v.as_str()) {
+        return Some(resolve(sock));
+    }
+    let dir = doc.get("spool")?.get("dir")?.as_str()?;
+    Some(settings::default_status_socket(&resolve(dir)))
 }
 
 /// Parses and validates config text; `path` names the file in messages and anchors relative
 /// paths.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    // Editors on Windows save UTF-8 with a byte order mark; YAML would read it as part of the
-    // first key.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let invalid = |issues: Vec<Issue>| ConfigError::Invalid {
         file: path.to_path_buf(),
         issues,
     };
+    let text = prepare(text).map_err(invalid)?;
+    let text = text.as_str();
     let locator = Locator::new(text);
     let place = |mut issue: Issue| {
         if issue.position.is_none() {
@@ -98,50 +249,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
         issue
     };
-    if text.trim().is_empty()
-        || text
-            .lines()
-            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-    {
+    if text.trim().is_empty() || is_blank(text) {
         return Err(invalid(vec![Issue::new(
             "",
             "the config file is empty; see config/ferry.yaml for a complete example",
         )]));
     }
-    if let Some((n, line)) = text.lines().enumerate().find(|(_, l)| {
-        let indent: String = l.chars().take_while(|c| c.is_whitespace()).collect();
-        indent.contains('\t')
-    }) {
-        let column = line.find('\t').unwrap_or(0) + 1;
-        return Err(invalid(vec![Issue {
-            path: String::new(),
-            message: "a tab is used for indentation; YAML allows only spaces".into(),
-            position: Some(Position {
-                line: n + 1,
-                column,
-            }),
-        }]));
-    }
     let de = serde_yaml::Deserializer::from_str(text);
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let position = inner.location().map(|l| Position {
-            line: l.line(),
-            column: l.column(),
-        });
-        let path = if path == "." { String::new() } else { path };
-        let message = strip_path_prefix(&strip_location(&inner.to_string()), &path);
-        // serde_yaml places a duplicated key at its mapping; point at the second occurrence.
-        let position = duplicate_field(&message)
-            .and_then(|field| locator.find_nth(&join_path(&path, field), 1))
-            .or(position);
-        invalid(vec![place(Issue {
-            path,
-            message,
-            position,
-        })])
-    })?;
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(de)
+        .map_err(|e| invalid(vec![place(yaml_issue(e, &locator))]))?;
     let base = path
         .parent()
         .map(Path::to_path_buf)

@@ -20,6 +20,8 @@ pub struct Config {
     /// The file it came from.
     pub source: PathBuf,
     pub device_id: String,
+    /// Why this device id (`config`, or how the default was derived); logged at start.
+    pub device_id_source: String,
     pub log_level: Option<String>,
     pub status_socket: PathBuf,
     pub clock: ClockSettings,
@@ -82,9 +84,12 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Config, Vec<Issue>> {
     let mut c = Checker { issues: Vec::new() };
 
-    let device_id = match raw.device_id.filter(|d| !d.is_empty()) {
-        Some(d) => d,
-        None => host_name(),
+    let (device_id, device_id_source) = match raw.device_id.filter(|d| !d.is_empty()) {
+        Some(d) => (d, "config".to_string()),
+        None => {
+            let d = super::device_id::default_device_id();
+            (d.id, d.source)
+        }
     };
     if !is_valid_stream_name(&device_id) {
         c.fail(
@@ -180,6 +185,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
     Ok(Config {
         source: source.to_path_buf(),
         device_id,
+        device_id_source,
         log_level: raw.log_level,
         status_socket,
         clock: ClockSettings {
@@ -611,7 +617,7 @@ fn validate_streams(
 }
 
 /// The host name, reduced to characters usable in a topic; "ferry" if it cannot be read.
-fn host_name() -> String {
+pub(super) fn host_name() -> String {
     let name = sysinfo::System::host_name()
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())

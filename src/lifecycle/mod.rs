@@ -20,6 +20,7 @@
 //!
 //! A second SIGTERM/SIGINT exits at once: whatever was committed is already durable.
 
+pub mod dry_run;
 pub mod logging;
 pub mod self_metrics;
 pub mod signals;
@@ -134,7 +135,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
     signals::install(shutdown.clone(), control.clone()).map_err(RunError::Signals)?;
 
     let boot = boot_id();
-    info!(version = crate::VERSION, device = %config.device_id, boot = %boot, config = %config.source.display(), "ferry starting.");
+    info!(version = crate::VERSION, device = %config.device_id, device_id_from = %config.device_id_source, boot = %boot, config = %config.source.display(), "ferry starting.");
     let settings = config.spool.clone();
     let spool = tokio::task::spawn_blocking(move || Spool::open(&settings))
         .await

@@ -90,7 +90,10 @@ impl PrepareJob {
                 break;
             };
             let is_reply = batch.stream == COMMANDS_STREAM;
-            if !batch.full && !is_reply && !self.ignore_linger && !self.limits.linger.is_zero() {
+            // The high lane (replies, loss reports, streams an operator marked urgent) never
+            // waits for a fuller batch: a long linger is for bulk economy, not for alarms.
+            let urgent = batch.lane == Lane::High;
+            if !batch.full && !urgent && !self.ignore_linger && !self.limits.linger.is_zero() {
                 let due = batch.chunks[0].committed_ms + self.limits.linger.as_millis() as u64;
                 if now_ms() < due {
                     // Wait for more of this stream, but let the other streams go meanwhile.
@@ -192,11 +195,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lingering_stream_does_not_hold_back_the_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&SpoolSettings {
-            dir: dir.path().join("spool"),
+    fn spool(dir: &std::path::Path) -> Spool {
+        Spool::open(&SpoolSettings {
+            dir: dir.join("spool"),
             max_bytes: 1 << 30,
             full_policy: FullPolicy::DropOldest,
             flush_interval: Duration::from_millis(10),
@@ -206,22 +207,11 @@ mod tests {
             chunk_max_records: 2,
             chunk_max_bytes: 4096,
         })
-        .unwrap();
-        // A bulk backlog (full batches) and one fresh normal record, which lingers.
-        commit(&spool, "backlog", 6);
-        commit(&spool, "fresh", 1);
-        let mut streams = StreamSettings {
-            drain: DrainRules::default(),
-            ..Default::default()
-        };
-        streams.drain.streams.insert(
-            "backlog".into(),
-            StreamDrain {
-                lane: Lane::Bulk,
-                live_first: false,
-            },
-        );
-        let job = PrepareJob {
+        .unwrap()
+    }
+
+    fn job(spool: Spool, streams: StreamSettings, count: usize) -> PrepareJob {
+        PrepareJob {
             spool,
             drain: DrainState::default(),
             streams: Arc::new(streams),
@@ -238,15 +228,64 @@ mod tests {
                 boot: "b".into(),
             },
             ignore_linger: false,
-            count: 3,
+            count,
             sent_high: HashMap::new(),
             byte_budget: None,
             must_send_one: true,
+        }
+    }
+
+    #[test]
+    fn a_lingering_stream_does_not_hold_back_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path());
+        // A bulk backlog (full batches) and one fresh normal record, which lingers.
+        commit(&spool, "backlog", 6);
+        commit(&spool, "fresh", 1);
+        let mut streams = StreamSettings {
+            drain: DrainRules::default(),
+            ..Default::default()
         };
-        let out = job.run().unwrap();
+        streams.drain.streams.insert(
+            "backlog".into(),
+            StreamDrain {
+                lane: Lane::Bulk,
+                live_first: false,
+            },
+        );
+        let out = job(spool, streams, 3).run().unwrap();
         let topics: Vec<&str> = out.messages.iter().map(|m| m.topic.as_str()).collect();
         assert_eq!(topics, ["ferry/gw/data/backlog"; 3]);
         assert!(out.linger_due_ms.is_some(), "the fresh batch is due later");
         assert!(!out.exhausted);
+    }
+
+    #[test]
+    fn the_high_lane_does_not_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path());
+        // One fresh record each: a normal stream, the loss stream and a stream marked high.
+        commit(&spool, "fresh", 1);
+        commit(&spool, crate::record::LOSS_STREAM, 1);
+        commit(&spool, "alarm", 1);
+        let mut streams = StreamSettings {
+            drain: DrainRules::default(),
+            ..Default::default()
+        };
+        streams.drain.streams.insert(
+            "alarm".into(),
+            StreamDrain {
+                lane: Lane::High,
+                live_first: false,
+            },
+        );
+        let out = job(spool, streams, 3).run().unwrap();
+        let mut topics: Vec<&str> = out.messages.iter().map(|m| m.topic.as_str()).collect();
+        topics.sort_unstable();
+        assert_eq!(topics, ["ferry/gw/data/alarm", "ferry/gw/data/ferry.loss"]);
+        assert!(
+            out.linger_due_ms.is_some(),
+            "the normal stream still lingers"
+        );
     }
 }
