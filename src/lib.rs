@@ -26,6 +26,7 @@ pub mod clock;
 pub mod collectors;
 pub mod commands;
 pub mod config;
+pub mod consume;
 pub mod lifecycle;
 pub mod record;
 pub mod spool;

@@ -19,6 +19,7 @@
 
 pub mod columnar;
 pub mod rowjson;
+pub mod stream;
 
 use crate::record::Record;
 use crate::spool::ChunkData;
