@@ -162,7 +162,7 @@ async fn run_epoch(
                     });
                 }
             }
-            Incoming::Subscribed(true) => tracing::debug!("Subscribed."),
+            Incoming::Subscribed(true) => tracing::info!("Subscribed."),
             Incoming::Subscribed(false) => {
                 return Err(ConsumeError::Refused(settings.session.filters().to_vec()));
             }
