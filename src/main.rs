@@ -232,33 +232,7 @@ fn consume(a: ConsumeArgs) -> ExitCode {
         backoff_initial: std::time::Duration::from_millis(500),
         backoff_max: std::time::Duration::from_secs(30),
     };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let on_signal = shutdown.clone();
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]);
-    match signals {
-        Ok(mut s) => {
-            std::thread::spawn(move || {
-                if s.forever().next().is_some() {
-                    on_signal.cancel();
-                }
-            });
-        }
-        Err(e) => tracing::warn!(error = %e, "Cannot watch SIGTERM/SIGINT."),
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build();
-    let result = match runtime {
-        Ok(rt) => rt.block_on(ferry::consume::run(settings, shutdown)),
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let result = ferry::consume::run_until_signal(settings);
     match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

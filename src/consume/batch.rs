@@ -247,7 +247,7 @@ impl Processor {
             for (stream, st) in h.state.streams.iter_mut() {
                 events.extend(gaps::review(stream, st, now, self.gap_timeout_ms));
             }
-            if h.state.streams.values().any(|s| gaps::has_open(s)) {
+            if h.state.streams.values().any(gaps::has_open) {
                 self.watch.insert(device.clone());
             }
             for e in &events {

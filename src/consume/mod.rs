@@ -62,6 +62,8 @@ pub enum ConsumeError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Session(#[from] SessionError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("the broker refused the subscription to {0:?} (check its ACL)")]
     Refused(Vec<String>),
 }
@@ -70,6 +72,32 @@ pub enum ConsumeError {
 enum EpochEnd {
     Shutdown,
     Lost { error: String, lasted: Duration },
+}
+
+/// Runs [`run`] on its own runtime until SIGTERM or SIGINT (what `ferry consume` does).
+pub fn run_until_signal(settings: ConsumeSettings) -> Result<Counters, ConsumeError> {
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    on_signal.cancel();
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "Cannot watch SIGTERM/SIGINT."),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ferry-consume")
+        .enable_all()
+        .build()
+        .map_err(ConsumeError::Runtime)?;
+    runtime.block_on(run(settings, shutdown))
 }
 
 /// Runs until `shutdown` is cancelled (Ok with the counters) or a fatal error (state or

@@ -122,6 +122,11 @@ fn json_value(v: &serde_json::Value) -> Option<Value> {
     }
 }
 
+/// A dimension group and instance, e.g. `("disk", "root")`.
+type Instance<'a> = (&'a str, &'a str);
+/// A field name and its value.
+type Field<'a> = (&'a str, &'a Value);
+
 fn influx_record(message: &Message, record: &Record, out: &mut String) -> bool {
     let mut tags = vec![("device".to_string(), message.device.clone())];
     let line_field;
@@ -134,13 +139,13 @@ fn influx_record(message: &Message, record: &Record, out: &mut String) -> bool {
     };
     let mut plain = Vec::new();
     // (group, instance) -> fields, in order of first appearance.
-    let mut groups: Vec<((&str, &str), Vec<(&str, &Value)>)> = Vec::new();
+    let mut groups: Vec<(Instance, Vec<Field>)> = Vec::new();
     for (name, value) in fields {
-        if let Some(key) = name.strip_prefix(TAG_PREFIX) {
-            if let Value::Str(s) = value {
-                tags.push((key.to_string(), s.clone()));
-                continue;
-            }
+        if let Some(key) = name.strip_prefix(TAG_PREFIX)
+            && let Value::Str(s) = value
+        {
+            tags.push((key.to_string(), s.clone()));
+            continue;
         }
         match dimension(name) {
             Some((group, instance, metric)) => {
