@@ -21,7 +21,7 @@
 mod common;
 
 use common::{
-    Count, Counter, Ferry, Mosquitto, RssSampler, baseline, complete, dir_bytes, env_or, ferry_bin,
+    Count, Counter, Ferry, RssSampler, baseline, complete, dir_bytes, env_or, ferry_bin,
     machine_header, median, proc_cpu, proc_io, proc_status_kb, suite, tempdir,
 };
 use ferry::config::Config;
@@ -253,11 +253,14 @@ fn main() {
     let n: u64 = env_or("FERRY_BENCH_RECORDS", 200_000);
     let reps: usize = env_or("FERRY_BENCH_REPS", 5);
     let bin = ferry_bin();
-    let broker = Mosquitto::start();
+    let broker = common::broker(None);
 
     // The messages ferry will send, for the baseline (and the spool's size for the header).
     let scratch = tempdir("ferry-bench-drain-msgs-");
-    let config = Arc::new(suite::load(&write_config(scratch.path(), broker.port)));
+    let config = Arc::new(suite::load(&write_config(
+        scratch.path(),
+        broker.plain_port(),
+    )));
     prefill(&config, n);
     let spool_disk = dir_bytes(&config.spool.dir);
     let (msgs, phases) = messages(&config);
@@ -265,9 +268,7 @@ fn main() {
     drop(scratch);
     let bytes: usize = msgs.iter().map(Vec::len).sum();
 
-    println!(
-        "drain: {n}-record backlog -> local Mosquitto, ferry binary vs plain rumqttc publisher"
-    );
+    println!("drain: {n}-record backlog -> local ferry binary vs plain rumqttc publisher");
     println!("{}", machine_header());
     println!(
         "ferry: {}; spool {:.1} MB on disk; {} messages, {:.0} B/message avg, {:.0} B/record JSON; \
@@ -279,7 +280,7 @@ fn main() {
         bytes as f64 / n as f64,
         config.uplink.window,
         rumqttc_inflight(config.uplink.window),
-        broker.port
+        broker.plain_port()
     );
     let millis = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
@@ -315,11 +316,11 @@ fn main() {
     for rep in 1..=reps {
         for side in 0..2 {
             if (side == 0) == (rep % 2 == 1) {
-                let d = run_ferry(&bin, broker.port, n);
+                let d = run_ferry(&bin, broker.plain_port(), n);
                 print_run("ferry", rep, n, &d);
                 ferry.push(d);
             } else {
-                let d = run_baseline(broker.port, n, &msgs, &config);
+                let d = run_baseline(broker.plain_port(), n, &msgs, &config);
                 print_run("baseline", rep, n, &d);
                 base.push(d);
             }

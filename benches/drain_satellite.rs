@@ -21,14 +21,11 @@
 //! `FERRY_BENCH_REPS` (default 1), `FERRY_BENCH_DIR`.
 
 mod common;
-#[allow(dead_code)]
-#[path = "../tests/common/proxy.rs"]
-mod proxy;
 
+use common::harness::proxy;
 use common::suite::{load, prefill, verdict, write_config};
 use common::{
-    Count, Counter, Ferry, Mosquitto, baseline, complete, env_or, ferry_bin, machine_header,
-    median, tempdir,
+    Count, Counter, Ferry, baseline, complete, env_or, ferry_bin, machine_header, median, tempdir,
 };
 use ferry::config::Config;
 use ferry::spool::Spool;
@@ -212,8 +209,8 @@ fn main() {
     let n: u64 = env_or("FERRY_BENCH_RECORDS", 900);
     let reps: usize = env_or("FERRY_BENCH_REPS", 1);
     let bin = ferry_bin();
-    let broker = Mosquitto::start();
-    let proxy = Proxy::start(broker.port);
+    let broker = common::broker(None);
+    let proxy = Proxy::start(broker.plain_port());
     proxy.latency(LATENCY);
     proxy.throttle(Some(RATE_BYTES_PER_S));
 
@@ -269,11 +266,11 @@ fn main() {
     for rep in 1..=reps {
         for side in 0..2 {
             if (side == 0) == (rep % 2 == 1) {
-                let d = run_ferry(&bin, &proxy, broker.port, n);
+                let d = run_ferry(&bin, &proxy, broker.plain_port(), n);
                 print_run("ferry", rep, n, &d);
                 ferry.push(d);
             } else {
-                let d = run_baseline(&proxy, broker.port, n, &msgs, &config);
+                let d = run_baseline(&proxy, broker.plain_port(), n, &msgs, &config);
                 print_run("baseline", rep, n, &d);
                 base.push(d);
             }

@@ -32,7 +32,7 @@ use common::suite::{
     FirstMessage, dir_allocated_bytes, kb_as_mib, load, mb, prefill, verdict, write_config,
 };
 use common::{
-    Ferry, Mosquitto, dir_bytes, env_or, ferry_bin, machine_header, median, proc_status_kb, tempdir,
+    Ferry, dir_bytes, env_or, ferry_bin, machine_header, median, proc_status_kb, tempdir,
 };
 use ferry::config::Config;
 use ferry::spool::Spool;
@@ -234,7 +234,7 @@ fn main() {
     let target: u64 = env_or("FERRY_BENCH_SPOOL_BYTES", 1 << 30);
     let reps: usize = env_or("FERRY_BENCH_REPS", 3);
     let bin = ferry_bin();
-    let broker = Mosquitto::start();
+    let broker = common::broker(None);
     // Room above the target so a commit never evicts.
     let max_bytes = target + target / 4 + (64 << 20);
 
@@ -245,9 +245,9 @@ fn main() {
     println!("{}", machine_header());
 
     let big_dir = tempdir("ferry-bench-first-big-");
-    let (big_cfg, big) = config_at(big_dir.path(), broker.port, max_bytes);
+    let (big_cfg, big) = config_at(big_dir.path(), broker.plain_port(), max_bytes);
     let small_dir = tempdir("ferry-bench-first-small-");
-    let (small_cfg, small) = config_at(small_dir.path(), broker.port, max_bytes);
+    let (small_cfg, small) = config_at(small_dir.path(), broker.plain_port(), max_bytes);
     {
         let spool = Spool::open(&small.spool).expect("open the spool");
         prefill(&spool, STREAM, 0, 1, 1);
@@ -304,7 +304,7 @@ fn main() {
                 } else {
                     ("small", &small_cfg, &small)
                 };
-                let r = run(&bin, cfg, config, broker.port, mode);
+                let r = run(&bin, cfg, config, broker.plain_port(), mode);
                 let label = format!("{name} {}", mode.name());
                 print_run(&label, rep, &r);
                 runs[c][usize::from(!big_side)].push(r);

@@ -25,9 +25,7 @@
 mod common;
 
 use common::suite::{load, write_config};
-use common::{
-    ChildGuard, Ferry, Mosquitto, env_or, ferry_bin, free_port, machine_header, proc_cpu, tempdir,
-};
+use common::{ChildGuard, Ferry, env_or, ferry_bin, free_port, machine_header, proc_cpu, tempdir};
 use ferry::collectors::system::{Sampler, SystemConfig};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,12 +67,12 @@ fn main() {
     }
     let idle_s: u64 = env_or("FERRY_BENCH_IDLE_S", 120);
     let bin = ferry_bin();
-    let broker = Mosquitto::start();
+    let broker = common::broker(None);
     let dead_port = free_port();
     let dir_off = tempdir("ferry-bench-cpu-off-");
     let cfg_off = write_config(dir_off.path(), dead_port, &[], &[], COLLECTORS);
     let dir_on = tempdir("ferry-bench-cpu-on-");
-    let cfg_on = write_config(dir_on.path(), broker.port, &[], &[], COLLECTORS);
+    let cfg_on = write_config(dir_on.path(), broker.plain_port(), &[], &[], COLLECTORS);
     let config = load(&cfg_on);
     load(&cfg_off);
 
@@ -102,7 +100,7 @@ fn main() {
         ("ferry, broker connected", on.pid()),
         ("baseline: bare sampler loop", sampler.id()),
         ("sleep", sleep.id()),
-        ("mosquitto (broker)", broker.pid()),
+        ("mosquitto (broker)", broker.pid().expect("the broker runs")),
     ];
     let start: Vec<_> = pids.iter().map(|(_, p)| proc_cpu(*p)).collect();
     let t1 = Instant::now();

@@ -14,8 +14,8 @@
 mod common;
 
 use common::{
-    ChildGuard, Ferry, Mosquitto, env_or, ferry_bin, free_port, machine_header, proc_cpu,
-    proc_status_kb, tempdir,
+    ChildGuard, Ferry, env_or, ferry_bin, free_port, machine_header, proc_cpu, proc_status_kb,
+    tempdir,
 };
 use ferry::spool::Spool;
 use std::process::{Command, Stdio};
@@ -57,7 +57,7 @@ fn main() {
     }
     let idle_s: u64 = env_or("FERRY_BENCH_IDLE_S", 30);
     let bin = ferry_bin();
-    let broker = Mosquitto::start();
+    let broker = common::broker(None);
     let dead_port = free_port(); // nothing listens: every connect is refused
 
     let dir = tempdir("ferry-bench-rss-");
@@ -90,7 +90,7 @@ fn main() {
             "-h",
             "127.0.0.1",
             "-p",
-            &broker.port.to_string(),
+            &broker.plain_port().to_string(),
             "-t",
             "ferry/#",
         ])),
@@ -116,7 +116,7 @@ fn main() {
         ("ferry", mem(ferry.pid())),
         ("sleep", mem(sleep.id())),
         ("mosquitto_sub", mem(sub.id())),
-        ("mosquitto", mem(broker.pid())),
+        ("mosquitto", mem(broker.pid().expect("the broker runs"))),
     ];
     assert!(!sub.exited(), "mosquitto_sub exited early");
 

@@ -22,8 +22,8 @@ mod common;
 
 use common::suite::{kb_as_mib, load, mb, prefill, verdict, write_config};
 use common::{
-    Counter, Ferry, Mosquitto, RssSampler, dir_bytes, env_or, ferry_bin, free_port, machine_header,
-    proc_cpu, proc_status_kb, tempdir,
+    Counter, Ferry, RssSampler, dir_bytes, env_or, ferry_bin, free_port, machine_header, proc_cpu,
+    proc_status_kb, tempdir,
 };
 use ferry::spool::Spool;
 use ferry::uplink::options::Topics;
@@ -129,7 +129,7 @@ fn main() {
 
     let topics = Topics::new(&full.uplink.topic_prefix, &full.device_id);
     let cpu0 = proc_cpu(with.pid());
-    let broker = Mosquitto::start_on(port);
+    let broker = common::broker(Some(port));
     let counter = Counter::start(port, &topics.data(STREAM), n, DRAIN_TIMEOUT);
     let sampler = RssSampler::start(with.pid(), Duration::from_millis(10));
     let t0 = Instant::now();

@@ -189,14 +189,22 @@ fn main() {
         "end/live"
     );
     let mut worst: f64 = 0.0;
+    let mut mismatches = Vec::new();
     for &cap in &caps {
         for mode in [Mode::Evict, Mode::Ack] {
             let c = churn(cap, times, mode, ack_at, group);
             if c.scanned != c.records {
-                println!(
-                    "!! the counters say {} records are stored, a scan of the tree found {}",
-                    c.records, c.scanned
+                // The counters are what eviction and the status socket trust: a mismatch is a
+                // bug, not a figure. Finish the table, then fail.
+                let m = format!(
+                    "cap {} MB, {}: the counters say {} records are stored, a scan of the tree found {}",
+                    mb(cap),
+                    if mode == Mode::Evict { "evict" } else { "ack" },
+                    c.records,
+                    c.scanned
                 );
+                println!("!! {m}");
+                mismatches.push(m);
             }
             let end = c.end_apparent.max(c.end_allocated) as f64;
             let high = c.high_apparent.max(c.high_allocated) as f64;
@@ -232,4 +240,11 @@ fn main() {
          after the final flush, after close + reopen; 'al' = the same, allocated blocks; ratios \
          use the larger of apparent and allocated"
     );
+    if !mismatches.is_empty() {
+        eprintln!(
+            "spool_churn: FAILED: the spool's counters disagree with a scan of its tree:\n{}",
+            mismatches.join("\n")
+        );
+        std::process::exit(1);
+    }
 }

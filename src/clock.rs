@@ -132,8 +132,14 @@ impl ClockSource for SystemClock {
     }
 
     fn synced(&self) -> bool {
-        self.now_ms() >= PLAUSIBLE_MS && (self.assume_synced || self.marker.exists())
+        synced_at(self.now_ms(), self.assume_synced || self.marker.exists())
     }
+}
+
+/// The sync rule, apart from where the wall clock is read: a clock before 2020 is never
+/// synchronised, whatever the marker (or `assume_synced`) says.
+fn synced_at(now_ms: u64, marked: bool) -> bool {
+    now_ms >= PLAUSIBLE_MS && marked
 }
 
 /// A clock for tests: wall time, uptime and sync state are set by hand.
@@ -199,12 +205,24 @@ mod tests {
 
     #[test]
     fn a_1970_clock_is_never_synced() {
+        // 1970-01-01, a day later, and the last millisecond of 2019: not synced even with the
+        // marker present or assume_synced set.
+        for now_ms in [0, 86_400_000, PLAUSIBLE_MS - 1] {
+            assert!(!synced_at(now_ms, true), "{now_ms} ms counted as synced");
+        }
+        assert!(synced_at(PLAUSIBLE_MS, true));
+        assert!(!synced_at(PLAUSIBLE_MS, false), "no marker, not assumed");
+    }
+
+    #[test]
+    fn the_system_clock_follows_the_marker_file() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("synchronized");
         std::fs::write(&marker, b"").unwrap();
-        let c = SystemClock::new(marker, true);
-        assert!(c.synced(), "this machine's clock is past 2020");
+        let c = SystemClock::new(marker, false);
+        assert!(c.synced(), "this machine's clock is past 2020 and marked");
         assert!(c.uptime_ms() > 0);
         assert!(!SystemClock::new(dir.path().join("missing"), false).synced());
+        assert!(SystemClock::new(dir.path().join("missing"), true).synced());
     }
 }

@@ -18,6 +18,7 @@
 //!   through the spool.
 //! - [`lifecycle`]: start-up order, signals, logging, systemd notification and shutdown phases.
 //! - [`record`]: the record model shared by every part.
+//! - [`loss`]: the one typed loss report (`ferry.loss`), built by whoever drops data.
 //!
 //! `docs/ARCHITECTURE.md` describes how the parts fit and which contracts they keep.
 
@@ -28,6 +29,7 @@ pub mod commands;
 pub mod config;
 pub mod consume;
 pub mod lifecycle;
+pub mod loss;
 pub mod record;
 pub mod spool;
 pub mod uplink;

@@ -4,7 +4,8 @@
 //! `common::drain`): ferry is stopped cleanly, its spool says which seqs it accepted, ferry runs
 //! once more without collectors until its spool is empty, and the subscriber must hold every
 //! seq from 1 to the accepted maximum of every stream, nothing beyond, with nothing evicted and
-//! no `ferry.loss` record. Duplicates are allowed (and printed), gaps are not.
+//! no `ferry.loss` record. Duplicates are allowed (and printed), gaps are not, and every copy
+//! of a seq must carry the same record as its first copy (the subscriber compares them).
 //!
 //! Data flows ferry -> [`Proxy`] -> Mosquitto; the subscriber talks to Mosquitto directly, so
 //! the faults hit only ferry's link. Several system collectors at 200 ms give a steadier stream
@@ -139,11 +140,12 @@ impl Rig {
         let log = self.log();
         drained.assert_nothing_lost(&log);
         eprintln!(
-            "{test}: {} records accepted in {} streams, all delivered; {} duplicates ({:.1}%); {} connections",
+            "{test}: {} records accepted in {} streams, all delivered; {} duplicates ({:.1}%), {} copies compared with their first, all identical; {} connections",
             drained.produced(),
             drained.streams.len(),
             drained.duplicates(),
             100.0 * drained.duplicates() as f64 / drained.received().max(1) as f64,
+            drained.duplicates_compared,
             log.matches(CONNECTED).count()
         );
         drained
@@ -283,8 +285,9 @@ fn received(sub: &Subscriber, streams: &[String]) -> usize {
 /// A satellite-like link: 9600 B/s each way, 600 ms each way. Three collectors offer about
 /// 12 kB/s of JSON, more than the link carries, so it stays saturated and a backlog builds.
 /// With `backlog` > 0 the broker is down for that long first, so ferry starts on the slow link
-/// with full batches. Returns the share of the link ferry used during 20 s.
-async fn slow_link(keepalive_s: u64, backlog: Duration) -> (Rig, f64) {
+/// with full batches. Prints the share of the link ferry used during 20 s (a figure, not a
+/// check: the link share under load is for the `drain_satellite` bench).
+async fn slow_link(keepalive_s: u64, backlog: Duration) -> Rig {
     const RATE: u64 = 9600;
     const PHASE: Duration = Duration::from_secs(20);
     // The operator states the link's rate, so ferry keeps a ping within reach of a keepalive.
@@ -322,24 +325,14 @@ async fn slow_link(keepalive_s: u64, backlog: Duration) -> (Rig, f64) {
         100.0 * up / RATE as f64,
         rig.log_count(LOST)
     );
-    assert!(
-        up <= RATE as f64 * 1.05,
-        "{up:.0} B/s passed a {RATE} B/s throttle"
-    );
-    (rig, up / RATE as f64)
+    rig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_of_9600_bytes_per_s_with_600_ms_latency_delivers_everything() {
     // With keepalive 30 s the in-flight byte budget (9600 B/s x 15 s) does not bind at a 1.2 s
-    // round trip, so this measures how much of the link ferry itself uses.
-    let (mut rig, used) = slow_link(30, Duration::ZERO).await;
-    assert!(
-        used >= 0.7,
-        "ferry used only {:.0}% of a saturated link:\n{}",
-        used * 100.0,
-        rig.log()
-    );
+    // round trip.
+    let mut rig = slow_link(30, Duration::ZERO).await;
     assert_eq!(rig.log_count(LOST), 0, "{}", rig.log());
     // The drain, too, runs over the slow link.
     rig.drain_and_verify("9600 B/s + 600 ms").await;
@@ -347,7 +340,7 @@ async fn link_of_9600_bytes_per_s_with_600_ms_latency_delivers_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturated_slow_link_is_not_taken_for_a_dead_one() {
-    let (mut rig, _) = slow_link(5, Duration::from_secs(15)).await;
+    let mut rig = slow_link(5, Duration::from_secs(15)).await;
     let log = rig.log();
     let lost: Vec<&str> = log.lines().filter(|l| l.contains(LOST)).collect();
     assert!(

@@ -88,7 +88,24 @@ fn runs(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn actions_yaml(script: &Path) -> String {
+/// Where the `hang` action writes the pid of the `sleep` it leaves running in the background.
+fn grandchild_pid_file(dir: &Path) -> std::path::PathBuf {
+    dir.join("grandchild.pid")
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// The actions: `show_args` runs [`argv_script`]; `hang` is a shell that starts a `sleep` in the
+/// background (its pid in [`grandchild_pid_file`]) and waits for it, past its 300 ms timeout;
+/// `slow` finishes in 2 s.
+fn actions_yaml(dir: &Path, script: &Path) -> String {
     format!(
         "commands:
   actions:
@@ -100,34 +117,98 @@ fn actions_yaml(script: &Path) -> String {
         - {{name: count, type: integer}}
       timeout_ms: 5000
     - name: hang
-      program: /bin/sleep
-      args: [\"30\"]
+      program: /bin/sh
+      args: [\"-c\", \"sleep 30 & echo $! > {pid_file}; wait\"]
       timeout_ms: 300
     - name: slow
       program: /bin/sleep
       args: [\"2\"]
       timeout_ms: 10000
 ",
-        script = script.display()
+        script = script.display(),
+        pid_file = grandchild_pid_file(dir).display()
     )
+}
+
+/// The set-up every command test shares: a persistent Mosquitto, a subscriber to everything
+/// under `ferry/`, and ferry with the config `yaml(dir, broker port)` returns, started and
+/// subscribed to its commands topic.
+struct Rig {
+    // Dropped in this order: ferry first, the directory last.
+    agent: Agent,
+    sub: Subscriber,
+    broker: Broker,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start(yaml: impl FnOnce(&Path, u16) -> String) -> Rig {
+        let broker = broker();
+        let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::spawn(dir.path(), &yaml(dir.path(), broker.agent_port()));
+        let rig = Rig {
+            agent,
+            sub,
+            broker,
+            dir,
+        };
+        rig.wait_subscribed(1).await;
+        rig
+    }
+
+    /// [`Rig::start`] with no collector and the actions of [`actions_yaml`].
+    async fn with_actions() -> Rig {
+        Rig::start(|dir, port| {
+            let script = argv_script(dir);
+            config(dir, port, &[], &actions_yaml(dir, &script))
+        })
+        .await
+    }
+
+    /// [`Rig::start`] with one system collector that samples every 30 s: a reload to a shorter
+    /// interval is visible at once. Returns the config text too.
+    async fn slow_collector() -> (Rig, String) {
+        let mut slow = String::new();
+        let rig = Rig::start(|dir, port| {
+            slow = config(
+                dir,
+                port,
+                &["type: system\nname: system\ninterval_ms: 30000"],
+                "",
+            );
+            slow.clone()
+        })
+        .await;
+        (rig, slow)
+    }
+
+    /// Waits until ferry has subscribed to its commands `count` times (the log spans restarts).
+    async fn wait_subscribed(&self, count: usize) {
+        assert!(
+            self.agent
+                .wait_for_log_count("Subscribed to commands", count, Duration::from_secs(15))
+                .await,
+            "ferry did not subscribe to its commands:\n{}",
+            self.agent.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn built_ins_reply() {
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = AgentConfig::new(dir.path(), broker.agent_port());
-    cfg.linger_ms = 60_000;
-    cfg.collectors = vec!["type: system\nname: system\ninterval_ms: 60000".into()];
-    let mut agent = Agent::spawn(dir.path(), &cfg.render());
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await,
-        "{}",
-        agent.log()
-    );
+    let Rig {
+        mut agent,
+        sub,
+        broker,
+        dir: _dir,
+    } = Rig::start(|dir, port| {
+        let mut cfg = AgentConfig::new(dir, port);
+        cfg.linger_ms = 60_000;
+        cfg.collectors = vec!["type: system\nname: system\ninterval_ms: 60000".into()];
+        cfg.render()
+    })
+    .await;
 
     send(&broker, r#"{"id":"p1","name":"ping"}"#);
     let r = final_reply(&sub, &agent, "p1", Duration::from_secs(10)).await;
@@ -234,55 +315,17 @@ async fn built_ins_reply() {
     assert!(agent.terminate().success());
 }
 
-/// An agent whose one system collector samples every 30 s, subscribed to commands: a reload to
-/// a shorter interval is visible at once.
-struct SlowAgent {
-    broker: Broker,
-    sub: Subscriber,
-    /// The config text the agent runs with.
-    slow: String,
-    agent: Agent,
-    _dir: tempfile::TempDir,
-}
-
-impl SlowAgent {
-    async fn start() -> SlowAgent {
-        let broker = broker();
-        let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-        let dir = tempfile::tempdir().unwrap();
-        let slow = config(
-            dir.path(),
-            broker.agent_port(),
-            &["type: system\nname: system\ninterval_ms: 30000"],
-            "",
-        );
-        let agent = Agent::spawn(dir.path(), &slow);
-        assert!(
-            agent
-                .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-                .await,
-            "{}",
-            agent.log()
-        );
-        SlowAgent {
-            broker,
-            sub,
-            slow,
-            agent,
-            _dir: dir,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_config_applies_a_good_file_and_refuses_a_bad_one() {
-    let SlowAgent {
-        broker,
-        sub,
+    let (
+        Rig {
+            mut agent,
+            sub,
+            broker,
+            dir: _dir,
+        },
         slow,
-        mut agent,
-        _dir,
-    } = SlowAgent::start().await;
+    ) = Rig::slow_collector().await;
 
     // A broken file is refused with its errors; the running config stays.
     std::fs::write(
@@ -317,13 +360,15 @@ async fn reload_config_applies_a_good_file_and_refuses_a_bad_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one() {
-    let SlowAgent {
-        broker: _broker,
-        sub,
+    let (
+        Rig {
+            mut agent,
+            sub,
+            broker: _broker,
+            dir: _dir,
+        },
         slow,
-        mut agent,
-        _dir,
-    } = SlowAgent::start().await;
+    ) = Rig::slow_collector().await;
 
     std::fs::write(agent.config_path(), slow.replace("uplink:", "uplinkk:")).unwrap();
     agent.sighup();
@@ -365,19 +410,12 @@ async fn sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_get_separate_argv_items_and_hanging_ones_are_killed() {
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let script = argv_script(dir.path());
-    let yaml = config(dir.path(), broker.agent_port(), &[], &actions_yaml(&script));
-    let mut agent = Agent::spawn(dir.path(), &yaml);
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await,
-        "{}",
-        agent.log()
-    );
+    let Rig {
+        mut agent,
+        sub,
+        broker,
+        dir,
+    } = Rig::with_actions().await;
 
     send(
         &broker,
@@ -422,23 +460,33 @@ async fn actions_get_separate_argv_items_and_hanging_ones_are_killed() {
             .contains("timed out after 300 ms"),
         "{r}"
     );
+    // The whole process group is killed, also the shell's background grandchild.
+    let pid_file = grandchild_pid_file(dir.path());
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("the hang action wrote no {}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .expect("a pid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !alive(pid),
+        "the background grandchild {pid} outlived the timeout"
+    );
     assert!(agent.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_sent_while_ferry_is_stopped_runs_once_after_start() {
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let script = argv_script(dir.path());
-    let yaml = config(dir.path(), broker.agent_port(), &[], &actions_yaml(&script));
-    let mut agent = Agent::spawn(dir.path(), &yaml);
     // The first run creates the persistent session with the subscription.
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await
-    );
+    let Rig {
+        mut agent,
+        sub,
+        broker,
+        dir,
+    } = Rig::with_actions().await;
     assert!(agent.terminate().success());
 
     send(
@@ -463,17 +511,12 @@ async fn a_command_sent_while_ferry_is_stopped_runs_once_after_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_id_runs_once_and_expired_commands_are_refused() {
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let script = argv_script(dir.path());
-    let yaml = config(dir.path(), broker.agent_port(), &[], &actions_yaml(&script));
-    let mut agent = Agent::spawn(dir.path(), &yaml);
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await
-    );
+    let Rig {
+        mut agent,
+        sub,
+        broker,
+        dir,
+    } = Rig::with_actions().await;
 
     let cmd = r#"{"id":"d1","name":"show_args","args":{"target":"x"}}"#;
     send(&broker, cmd);
@@ -499,17 +542,12 @@ async fn the_same_id_runs_once_and_expired_commands_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_produced_while_the_link_is_down_arrives_after_it_returns() {
-    let mut broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let script = argv_script(dir.path());
-    let yaml = config(dir.path(), broker.agent_port(), &[], &actions_yaml(&script));
-    let mut agent = Agent::spawn(dir.path(), &yaml);
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await
-    );
+    let Rig {
+        mut agent,
+        sub,
+        mut broker,
+        dir: _dir,
+    } = Rig::with_actions().await;
 
     send(&broker, r#"{"id":"slow1","name":"slow"}"#);
     assert!(
@@ -526,6 +564,14 @@ async fn a_reply_produced_while_the_link_is_down_arrives_after_it_returns() {
     let r = final_reply(&sub, &agent, "slow1", Duration::from_secs(20)).await;
     assert_eq!(r["status"], "ok", "{r}");
     assert!(agent.terminate().success());
+}
+
+/// `commands:` requiring signatures with the key in `dir/cmd.key` (id k1).
+fn signature_yaml(dir: &Path) -> String {
+    format!(
+        "commands:\n  require_signature: true\n  keys:\n    - {{id: k1, key_file: {}}}\n",
+        dir.join("cmd.key").display()
+    )
 }
 
 fn sign(req: &Value, key: &[u8]) -> String {
@@ -547,24 +593,17 @@ fn sign(req: &Value, key: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signatures_when_required() {
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
     let key = b"0123456789abcdef0123456789abcdef";
-    std::fs::write(dir.path().join("cmd.key"), key).unwrap();
-    let extra = format!(
-        "commands:\n  require_signature: true\n  keys:\n    - {{id: k1, key_file: {}}}\n",
-        dir.path().join("cmd.key").display()
-    );
-    let yaml = config(dir.path(), broker.agent_port(), &[], &extra);
-    let mut agent = Agent::spawn(dir.path(), &yaml);
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await,
-        "{}",
-        agent.log()
-    );
+    let Rig {
+        mut agent,
+        sub,
+        broker,
+        dir: _dir,
+    } = Rig::start(|dir, port| {
+        std::fs::write(dir.join("cmd.key"), key).unwrap();
+        config(dir, port, &[], &signature_yaml(dir))
+    })
+    .await;
 
     send(&broker, r#"{"id":"u1","name":"ping"}"#);
     let r = final_reply(&sub, &agent, "u1", Duration::from_secs(10)).await;
@@ -599,7 +638,18 @@ async fn signatures_when_required() {
             .await,
         "replay not refused"
     );
-    assert!(agent.log().contains("WARN"));
+    // Both refusals are WARNs with their own message (recovered, nothing lost).
+    let log = agent.log();
+    for message in [
+        "Command refused: signature check failed.",
+        "Replayed signed command refused.",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(" WARN ") && l.contains(message)),
+            "no WARN {message:?} in the log:\n{log}"
+        );
+    }
     assert!(agent.terminate().success());
 }
 
@@ -612,25 +662,18 @@ async fn the_python_signing_example_in_the_docs_is_accepted() {
         .expect("a python example in docs/COMMANDS.md")
         + 10;
     let code = &doc[start..start + doc[start..].find("```").unwrap()];
-    let broker = broker();
-    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
-    let dir = tempfile::tempdir().unwrap();
     let key = "a-long-shared-secret-for-tests";
-    std::fs::write(dir.path().join("cmd.key"), format!("{key}\n")).unwrap();
-    std::fs::write(dir.path().join("sign.py"), code).unwrap();
-    let extra = format!(
-        "commands:\n  require_signature: true\n  keys:\n    - {{id: k1, key_file: {}}}\n",
-        dir.path().join("cmd.key").display()
-    );
-    let mut agent = Agent::spawn(
-        dir.path(),
-        &config(dir.path(), broker.agent_port(), &[], &extra),
-    );
-    assert!(
-        agent
-            .wait_for_log("Subscribed to commands", Duration::from_secs(15))
-            .await
-    );
+    let Rig {
+        mut agent,
+        sub,
+        broker,
+        dir,
+    } = Rig::start(|dir, port| {
+        std::fs::write(dir.join("cmd.key"), format!("{key}\n")).unwrap();
+        std::fs::write(dir.join("sign.py"), code).unwrap();
+        config(dir, port, &[], &signature_yaml(dir))
+    })
+    .await;
     let out = std::process::Command::new("python3")
         .arg(dir.path().join("sign.py"))
         .env("FERRY_KEY_FILE", dir.path().join("cmd.key"))

@@ -9,9 +9,12 @@
 //! ```yaml
 //! # expect: uplink.port            (required first line; a substring of stderr)
 //! # expect: between 1 and 65535    (optional; another substring)
-//! # expect-position: 9             (optional; `yes`: some error has a :line:col: position,
-//! #                                  a number: some error is positioned on that line)
+//! # expect-position: 9:9           (required: some error is positioned at exactly this
+//! #                                  line:column; `none`: no error has a position)
 //! ```
+//!
+//! A file whose errors ferry cannot position says `none`, and the test fails once ferry starts
+//! to print a position for it, so the pin is added.
 //!
 //! Every file must make `validate` exit with 78, print only `error: ...` lines on stderr and
 //! nothing on stdout, and never panic. The files are validated from a temporary copy of the
@@ -191,9 +194,10 @@ fn make_pki(dir: &Path) -> Pki {
 // The corpus
 
 enum PositionRule {
-    NotRequired,
-    Any,
-    Line(usize),
+    /// No error carries a position.
+    None,
+    /// Some error is positioned at this (line, column).
+    At(usize, usize),
 }
 
 struct Expectations {
@@ -209,29 +213,35 @@ fn parse_header(text: &str) -> Result<Expectations, String> {
             "first line must be `# expect: <substring>`, got {first:?}"
         ));
     };
-    let mut expect = Expectations {
-        substrings: vec![substring.to_string()],
-        position: PositionRule::NotRequired,
-    };
+    let mut substrings = vec![substring.to_string()];
+    let mut position = None;
     for line in lines.take_while(|l| l.starts_with("# expect")) {
         if let Some(s) = line.strip_prefix("# expect: ") {
-            expect.substrings.push(s.to_string());
+            substrings.push(s.to_string());
         } else if let Some(p) = line.strip_prefix("# expect-position: ") {
-            expect.position = match p.trim() {
-                "yes" => PositionRule::Any,
-                n => PositionRule::Line(
-                    n.parse()
-                        .map_err(|_| format!("bad `# expect-position: {p}`: `yes` or a line"))?,
-                ),
-            };
+            let bad = || format!("bad `# expect-position: {p}`: `LINE:COLUMN` or `none`");
+            position = Some(match p.trim() {
+                "none" => PositionRule::None,
+                at => {
+                    let (line, column) = at.split_once(':').ok_or_else(bad)?;
+                    PositionRule::At(
+                        line.parse().map_err(|_| bad())?,
+                        column.parse().map_err(|_| bad())?,
+                    )
+                }
+            });
         } else {
             return Err(format!("unknown header line {line:?}"));
         }
     }
-    if expect.substrings.iter().any(|s| s.trim().is_empty()) {
+    if substrings.iter().any(|s| s.trim().is_empty()) {
         return Err("an `# expect:` substring is empty".into());
     }
-    Ok(expect)
+    let position = position.ok_or("no `# expect-position: LINE:COLUMN` (or `none`) line")?;
+    Ok(Expectations {
+        substrings,
+        position,
+    })
 }
 
 struct CorpusRun {
@@ -303,17 +313,16 @@ fn corpus_problems(text: &str, file: &Path, out: &Outcome) -> Vec<String> {
     }
     let found = positions(&out.stderr, file);
     match expect.position {
-        PositionRule::NotRequired => {}
-        PositionRule::Any if found.is_empty() => {
-            problems.push("no `:<line>:<col>:` position in any error".into());
-        }
-        PositionRule::Any => {}
-        PositionRule::Line(n) if !found.iter().any(|&(line, _)| line == n) => {
+        PositionRule::None if !found.is_empty() => problems.push(format!(
+            "errors are positioned now ({found:?}): pin one with `# expect-position: LINE:COLUMN`"
+        )),
+        PositionRule::None => {}
+        PositionRule::At(line, column) if !found.contains(&(line, column)) => {
             problems.push(format!(
-                "no error positioned on line {n} (positions given: {found:?})"
+                "no error positioned at {line}:{column} (positions given: {found:?})"
             ));
         }
-        PositionRule::Line(_) => {}
+        PositionRule::At(..) => {}
     }
     problems
 }

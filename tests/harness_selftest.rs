@@ -78,6 +78,8 @@ async fn subscriber_receives_and_decodes_ferry_messages() {
 
     assert_eq!(sub.seqs("system"), [1, 2, 2, 3]);
     assert_eq!(sub.duplicates("system"), 1);
+    assert_eq!(sub.duplicates_compared(), 1);
+    assert!(sub.conflicting_copies().is_empty());
     assert_contiguous(&sub.unique_seqs("system"), 1, 3);
     assert_eq!(sub.records("system")[0]["fields"]["cpu.total_pct"], 3.2);
     assert_eq!(sub.records("file.app_log")[0]["line"], "raw text");
@@ -88,6 +90,38 @@ async fn subscriber_receives_and_decodes_ferry_messages() {
     let late = Subscriber::start(broker.plain_port(), "ferry/+/status").await;
     assert!(late.wait_until(WAIT, |s| !s.messages().is_empty()).await);
     assert!(late.messages()[0].retain);
+}
+
+/// A second copy of a seq with a different record is caught by every accessor of the stream:
+/// dedupe by seq would silently keep one of two different readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_that_differs_from_its_first_copy_fails_the_test() {
+    let broker = Broker::start(BrokerOpts::default());
+    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+    let copy = |cpu: f64| {
+        serde_json::json!({"v": 1, "device": "gw-01", "boot": "ab12", "stream": "system",
+            "records": [{"seq": 1, "ts": 1_764_100_000_000u64, "fields": {"cpu.total_pct": cpu}}]})
+        .to_string()
+    };
+    publish(&broker, "ferry/gw-01/data/system", &copy(3.2), false);
+    publish(&broker, "ferry/gw-01/data/system", &copy(3.3), false);
+    assert!(
+        sub.wait_until(WAIT, |s| s.messages().len() == 2).await,
+        "{}",
+        broker.log()
+    );
+    let conflicts = sub.conflicting_copies();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].1, 1);
+    let seqs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sub.seqs("system")));
+    let message = seqs
+        .expect_err("seqs() must refuse a stream whose copies differ")
+        .downcast::<String>()
+        .expect("a formatted panic message");
+    assert!(
+        message.contains("duplicate copies differ") && message.contains("seq 1"),
+        "{message}"
+    );
 }
 
 #[test]

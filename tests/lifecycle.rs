@@ -4,7 +4,8 @@ mod common;
 
 use common::agent::{Agent, AgentConfig};
 use common::broker::{Broker, BrokerOpts};
-use common::subscriber::{Subscriber, assert_contiguous};
+use common::drain::drain_stopped;
+use common::subscriber::Subscriber;
 use ferry::record::{Body, Reading, Value};
 use ferry::spool::{Intake, Spool};
 use std::os::unix::net::UnixDatagram;
@@ -111,8 +112,8 @@ async fn sigterm_in_the_middle_of_a_drain_exits_cleanly_and_loses_nothing() {
     let status = agent.terminate();
     let took = started.elapsed();
     assert!(status.success(), "exit {status:?}\n{}", agent.log());
-    // shutdown_grace_ms is 2 s in the test config.
-    assert!(took < Duration::from_secs(4), "stopping took {took:?}");
+    // It stops without draining the backlog first (a wall-time bound would be a figure; the
+    // harness allows 20 s, the uplink waits at most shutdown_grace_ms = 2 s for PUBACKs).
     let delivered = sub.unique_seqs("bulk").len() as u64;
     assert!(
         delivered < BACKLOG,
@@ -120,15 +121,19 @@ async fn sigterm_in_the_middle_of_a_drain_exits_cleanly_and_loses_nothing() {
     );
     eprintln!("SIGTERM after {delivered} of {BACKLOG} records; stopped in {took:?}");
 
-    std::fs::write(dir.path().join("ferry.yaml"), &fast).unwrap();
-    agent.start_again();
-    assert!(
-        sub.wait_for_seq("bulk", BACKLOG, Duration::from_secs(40))
-            .await,
-        "got {} of {BACKLOG}\n{}",
-        sub.unique_seqs("bulk").len(),
-        agent.log()
+    // The rest is sent by the next run: every seq the spool accepted arrives.
+    let drained = drain_stopped(
+        &mut agent,
+        &cfg,
+        &sub,
+        &["bulk".to_string()],
+        Duration::from_secs(40),
+    )
+    .await;
+    drained.assert_nothing_lost(&agent.log());
+    assert_eq!(
+        drained.produced(),
+        BACKLOG,
+        "the spool accepted the whole backlog"
     );
-    assert_contiguous(&sub.unique_seqs("bulk"), 1, BACKLOG);
-    assert!(agent.terminate().success());
 }

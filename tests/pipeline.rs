@@ -5,12 +5,19 @@ mod common;
 
 use common::agent::{Agent, AgentConfig, FullPolicy};
 use common::broker::{Broker, BrokerOpts};
+use common::drain::{drain_stopped, stop_and_drain};
 use common::subscriber::{Subscriber, assert_contiguous};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
 const STREAM: &str = "system";
+/// How long the final drain of a test may take once the broker is reachable.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn streams() -> Vec<String> {
+    vec![STREAM.to_string()]
+}
 
 fn persistent_broker() -> Broker {
     Broker::start(BrokerOpts {
@@ -94,10 +101,9 @@ async fn happy_path_delivers_json_with_contiguous_seqs() {
             .await,
         "no offline status after a clean stop"
     );
-    let seqs = sub.unique_seqs(STREAM);
-    let max = *seqs.last().unwrap();
-    assert_contiguous(&seqs, 1, max);
-    assert_eq!(sub.duplicates(STREAM), 0);
+    let drained = drain_stopped(&mut agent, &cfg, &sub, &streams(), DRAIN_TIMEOUT).await;
+    drained.assert_nothing_lost(&agent.log());
+    assert_eq!(drained.duplicates(), 0, "duplicates without a fault");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,14 +128,15 @@ async fn buffers_while_broker_is_down_at_start_then_delivers_everything_in_order
         sub.unique_seqs(STREAM),
         agent.log()
     );
-    assert!(agent.terminate().success());
     let arrivals = first_arrivals(&sub.seqs(STREAM));
     assert!(
         arrivals.windows(2).all(|w| w[0] < w[1]),
         "records arrived out of seq order: {arrivals:?}"
     );
-    let seqs = sub.unique_seqs(STREAM);
-    assert_contiguous(&seqs, 1, *seqs.last().unwrap());
+    // Everything the spool accepted, during the outage and after, reaches the subscriber.
+    stop_and_drain(&mut agent, &cfg, &sub, &streams(), DRAIN_TIMEOUT)
+        .await
+        .assert_nothing_lost(&agent.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,26 +163,19 @@ async fn broker_restarted_three_times_leaves_no_gap() {
         );
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(agent.terminate().success());
-    let (max, _) = accepted(&cfg, STREAM);
-    // Everything acknowledged before the clean stop is at the subscriber, and what was not is
-    // still in the spool (sent at the next start): nothing accepted is missing.
-    let seqs = sub.unique_seqs(STREAM);
-    let delivered_max = *seqs.last().unwrap();
-    assert_contiguous(&seqs, 1, delivered_max);
-    assert!(
-        delivered_max + 5 >= max,
-        "delivered up to {delivered_max} of {max}"
-    );
     let reconnects = agent.log().matches("Connected to the broker").count();
     assert!(
         reconnects >= 4,
         "expected 4 connections, log shows {reconnects}"
     );
+    // Every seq the spool accepted reaches the subscriber: what was acknowledged before the
+    // stop already has, the rest is sent by the drain.
+    let drained = stop_and_drain(&mut agent, &cfg, &sub, &streams(), DRAIN_TIMEOUT).await;
+    drained.assert_nothing_lost(&agent.log());
     eprintln!(
-        "delivered {} records, {} duplicates, {reconnects} connections",
-        seqs.len(),
-        sub.duplicates(STREAM)
+        "delivered {} records, {} duplicates (all identical to their first copy), {reconnects} connections",
+        drained.delivered(),
+        drained.duplicates()
     );
 }
 
@@ -206,15 +206,98 @@ async fn sigkill_while_broker_is_down_loses_nothing_the_spool_accepted() {
         sub.unique_seqs(STREAM),
         agent.log()
     );
-    assert_contiguous(&sub.unique_seqs(STREAM), 1, accepted_max + 3);
-    // The restarted agent carries a different boot id.
-    let boots: BTreeSet<String> = sub
-        .messages()
-        .iter()
-        .filter_map(|m| m.json.as_ref()?["boot"].as_str().map(str::to_string))
-        .collect();
-    assert!(!boots.is_empty());
-    assert!(agent.terminate().success());
+    // Nothing the spool accepted, before the SIGKILL or after, is missing.
+    stop_and_drain(&mut agent, &cfg, &sub, &streams(), DRAIN_TIMEOUT)
+        .await
+        .assert_nothing_lost(&agent.log());
+}
+
+/// The distinct boot ids of the data messages received so far, in order of first appearance.
+fn boots(sub: &Subscriber) -> Vec<String> {
+    let mut seen = Vec::new();
+    for m in sub.messages() {
+        if !m.topic.contains("/data/") {
+            continue;
+        }
+        let boot = m
+            .json
+            .as_ref()
+            .and_then(|j| j["boot"].as_str())
+            .map(str::to_string);
+        let boot = boot.unwrap_or_else(|| panic!("data message without a boot id: {}", m.text()));
+        if !seen.contains(&boot) {
+            seen.push(boot);
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_id_stays_across_reconnects_and_changes_on_restart() {
+    let mut broker = persistent_broker();
+    let sub = Subscriber::start(broker.plain_port(), "ferry/+/data/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig::new(dir.path(), broker.agent_port());
+    let mut agent = Agent::spawn(dir.path(), &cfg.render());
+    assert!(
+        sub.wait_for_seq(STREAM, 3, Duration::from_secs(20)).await,
+        "{}",
+        agent.log()
+    );
+
+    // A reconnect (the broker restarts) is the same process: same boot id.
+    broker.stop();
+    broker.start_again();
+    assert!(
+        agent
+            .wait_for_log_count("Connected to the broker", 2, Duration::from_secs(20))
+            .await,
+        "no reconnection:\n{}",
+        agent.log()
+    );
+    let before = *sub.unique_seqs(STREAM).last().unwrap();
+    assert!(
+        sub.wait_for_seq(STREAM, before + 3, Duration::from_secs(20))
+            .await,
+        "{}",
+        agent.log()
+    );
+    let first = boots(&sub);
+    assert_eq!(first.len(), 1, "a reconnect changed the boot id: {first:?}");
+
+    // A restart (after a SIGKILL, and after a clean stop) is a new boot.
+    for (round, how) in ["SIGKILL", "SIGTERM"].iter().enumerate() {
+        if *how == "SIGKILL" {
+            agent.kill9();
+        } else {
+            assert!(agent.terminate().success(), "{}", agent.log());
+        }
+        agent.start_again();
+        assert!(
+            sub.wait_until(Duration::from_secs(20), |s| boots(s).len() == round + 2)
+                .await,
+            "no message with a new boot id after a restart following {how}: {:?}\n{}",
+            boots(&sub),
+            agent.log()
+        );
+        // From its first message on, every message carries the new boot id, also the records
+        // the previous process had not delivered.
+        let current = boots(&sub)[round + 1].clone();
+        let since: Vec<_> = sub
+            .messages()
+            .into_iter()
+            .skip_while(|m| m.json.as_ref().unwrap()["boot"] != current.as_str())
+            .collect();
+        assert!(
+            since
+                .iter()
+                .all(|m| m.json.as_ref().unwrap()["boot"] == current.as_str()),
+            "an older boot id reappeared after the restart following {how}"
+        );
+    }
+    stop_and_drain(&mut agent, &cfg, &sub, &streams(), DRAIN_TIMEOUT)
+        .await
+        .assert_nothing_lost(&agent.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! Helpers shared by the benchmarks: the sample reading, child processes that are always
-//! reaped, a private Mosquitto, a counting subscriber, `/proc` sampling and the machine header.
+//! reaped, `/proc` sampling and the machine header. The broker, free ports and the counting
+//! subscriber are the integration tests' own (`tests/common`, included as [`harness`]).
 //!
 //! Every figure a benchmark prints is a ratio against a baseline measured in the same run: the
 //! machine is shared and noisy, so absolute numbers only make sense next to their baseline.
@@ -10,16 +11,25 @@
 pub mod baseline;
 pub mod suite;
 
+/// The integration tests' harness (broker, ports, subscribers, counter): one copy for both.
+#[path = "../../tests/common/mod.rs"]
+pub mod harness;
+
+// Like the helpers below, each benchmark uses a different subset of these.
+#[allow(unused_imports)]
+pub use harness::{
+    broker::Broker,
+    counter::{Count, Counter, complete},
+    ports::free_port,
+};
+
 use ferry::record::{Body, Reading, Value};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde::Deserialize;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Base sample time of generated readings (2026-11-25, ms since the epoch).
@@ -257,14 +267,6 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("cannot bind a loopback port")
-        .port()
-}
-
 /// A field of `/proc/<pid>/status` in kB (e.g. `VmRSS`, `VmHWM`, `RssAnon`).
 pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -438,253 +440,20 @@ impl Ferry {
 // ---------------------------------------------------------------------------------------------
 // Mosquitto
 
-/// A private Mosquitto on a free loopback port, killed on drop.
-pub struct Mosquitto {
-    pub port: u16,
-    guard: ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// Starts one; the queues towards subscribers are unbounded so a subscriber that lags never
-    /// makes the broker drop a message (a drop would show up as a missing seq).
-    pub fn start() -> Mosquitto {
-        let dir = tempdir("ferry-bench-mosq-");
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            match Self::try_start(&dir, free_port()) {
-                Ok((port, guard)) => {
-                    return Mosquitto {
-                        port,
-                        guard,
-                        _dir: dir,
-                    };
-                }
-                Err(e) => last_error = e,
-            }
-        }
-        panic!("mosquitto did not start on a free port: {last_error}");
+/// A private Mosquitto for a benchmark (tests/common's broker, quietly logging), on `port` if
+/// given, killed on drop; the signal thread kills it and removes its directory if the bench
+/// is interrupted.
+pub fn broker(port: Option<u16>) -> Broker {
+    let broker = Broker::start_quiet(port);
+    live_dirs()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(broker.dir().to_path_buf());
+    if let Some(pid) = broker.pid() {
+        live_children()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pid);
     }
-
-    /// Starts one on `port` (e.g. a port an agent has been failing to reach until now).
-    pub fn start_on(port: u16) -> Mosquitto {
-        let dir = tempdir("ferry-bench-mosq-");
-        match Self::try_start(&dir, port) {
-            Ok((port, guard)) => Mosquitto {
-                port,
-                guard,
-                _dir: dir,
-            },
-            Err(e) => panic!("mosquitto did not start on port {port}: {e}"),
-        }
-    }
-
-    fn try_start(dir: &tempfile::TempDir, port: u16) -> Result<(u16, ChildGuard), String> {
-        let conf = dir.path().join("mosquitto.conf");
-        let log = dir.path().join("mosquitto.log");
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 0\nmax_inflight_messages 0\n\
-                 log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n",
-                log.display()
-            ),
-        )
-        .expect("cannot write mosquitto.conf");
-        let mut cmd = Command::new("mosquitto");
-        cmd.arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut guard = ChildGuard::spawn("mosquitto", &mut cmd)
-            .expect("cannot start mosquitto (apt-get install mosquitto)");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && !guard.exited() {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                // It accepts for a moment even when it is about to die; check it stays.
-                std::thread::sleep(Duration::from_millis(50));
-                if !guard.exited() {
-                    return Ok((port, guard));
-                }
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Err(std::fs::read_to_string(&log).unwrap_or_default())
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.guard.id()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Counting subscriber
-
-/// What the subscriber saw.
-#[derive(Debug, Clone)]
-pub struct Count {
-    pub distinct: u64,
-    pub duplicates: u64,
-    pub messages: u64,
-    pub payload_bytes: u64,
-    pub first: Option<Instant>,
-    /// When the last missing seq arrived (all of them, if `distinct` is the expected count).
-    pub done: Option<Instant>,
-}
-
-#[derive(Deserialize)]
-struct Message {
-    records: Vec<SeqOnly>,
-}
-
-#[derive(Deserialize)]
-struct SeqOnly {
-    seq: u64,
-}
-
-/// The count of a drain that must have seen every seq in `1..=n`; panics with `what`, how
-/// many arrived within `within`, and `log()` otherwise.
-pub fn complete(
-    count: Result<Count, String>,
-    n: u64,
-    what: &str,
-    within: Duration,
-    log: impl Fn() -> String,
-) -> Count {
-    match count {
-        Ok(c) if c.distinct == n => c,
-        Ok(c) => panic!(
-            "{what}: only {} of {n} records arrived within {within:?} ({} messages)\n{}",
-            c.distinct,
-            c.messages,
-            log()
-        ),
-        Err(e) => panic!("{what}: subscriber failed: {e}\n{}", log()),
-    }
-}
-
-/// A subscriber on its own thread that parses each message's `records` array and stops once
-/// every seq in `1..=expected` arrived (or `timeout` passed).
-pub struct Counter {
-    result: mpsc::Receiver<Result<Count, String>>,
-}
-
-impl Counter {
-    /// Connects and subscribes; returns once the broker granted the subscription.
-    pub fn start(port: u16, filter: &str, expected: u64, timeout: Duration) -> Counter {
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (result_tx, result) = mpsc::channel();
-        let filter = filter.to_string();
-        std::thread::spawn(move || {
-            let r = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-                .and_then(|rt| rt.block_on(count(port, filter, expected, timeout, ready_tx)));
-            let _ = result_tx.send(r);
-        });
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(()) => Counter { result },
-            Err(_) => match result.try_recv() {
-                Ok(Err(e)) => panic!("subscriber failed: {e}"),
-                _ => panic!("subscriber did not get its SUBACK in 10 s"),
-            },
-        }
-    }
-
-    /// Waits for the result; gives up early once `alive` says the sender is gone.
-    pub fn wait_while(self, mut alive: impl FnMut() -> bool) -> Result<Count, String> {
-        loop {
-            match self.result.recv_timeout(Duration::from_millis(50)) {
-                Ok(r) => return r,
-                Err(mpsc::RecvTimeoutError::Timeout) if !alive() => {
-                    // Let the last messages in flight arrive before giving up.
-                    return self
-                        .result
-                        .recv_timeout(Duration::from_secs(1))
-                        .unwrap_or_else(|_| {
-                            Err("the sender exited before the drain finished".into())
-                        });
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("subscriber thread ended without a result".into());
-                }
-            }
-        }
-    }
-}
-
-async fn count(
-    port: u16,
-    filter: String,
-    expected: u64,
-    timeout: Duration,
-    ready: mpsc::Sender<()>,
-) -> Result<Count, String> {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let id = format!(
-        "bench-counter-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(60));
-    o.set_max_packet_size(8 << 20, 8 << 20);
-    let (client, mut el) = AsyncClient::new(o, 16);
-    client
-        .subscribe(filter, QoS::AtLeastOnce)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut seen = vec![false; expected as usize + 1];
-    let mut c = Count {
-        distinct: 0,
-        duplicates: 0,
-        messages: 0,
-        payload_bytes: 0,
-        first: None,
-        done: None,
-    };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut subscribed = false;
-    while c.distinct < expected {
-        let ev = match tokio::time::timeout_at(deadline, el.poll()).await {
-            Err(_) if subscribed => return Ok(c),
-            Err(_) => return Err("no SUBACK before the deadline".into()),
-            Ok(Err(e)) => return Err(format!("subscriber connection failed: {e}")),
-            Ok(Ok(ev)) => ev,
-        };
-        match ev {
-            Event::Incoming(Packet::SubAck(_)) if !subscribed => {
-                subscribed = true;
-                let _ = ready.send(());
-            }
-            Event::Incoming(Packet::Publish(p)) => {
-                let now = Instant::now();
-                c.first.get_or_insert(now);
-                c.messages += 1;
-                c.payload_bytes += p.payload.len() as u64;
-                let m: Message = serde_json::from_slice(&p.payload)
-                    .map_err(|e| format!("message is not ferry's JSON: {e}"))?;
-                for r in m.records {
-                    match seen.get_mut(r.seq as usize) {
-                        Some(s) if !*s => {
-                            *s = true;
-                            c.distinct += 1;
-                        }
-                        Some(_) => c.duplicates += 1,
-                        None => return Err(format!("unexpected seq {}", r.seq)),
-                    }
-                }
-                if c.distinct == expected {
-                    c.done = Some(now);
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(c)
+    broker
 }

@@ -5,7 +5,7 @@
 //!   collector as fields `tag.<key>`. A raw line with tags becomes fields `line` + `tag.*`.
 //! - **Unusable input** (a line that does not parse, a line over `max_line_bytes`, a sysfs
 //!   value that is not a number) is never a panic and never silent: it is counted and reported
-//!   as a reading on the [`LOSS_STREAM`] with fields `{stream, count, reason, sample}`, sent
+//!   as a reading on the [`crate::record::LOSS_STREAM`] with fields `{stream, count, reason, sample}`, sent
 //!   through the same intake as the good readings, so the report is exactly as durable as they
 //!   are. Lines of one intake with the same reason are reported as one reading whose `count`
 //!   says how many, with the sample of the first; a burst of binary noise is a few loss
@@ -13,7 +13,9 @@
 //!   garbage without end (serial) reports at most once per window ([`LossTally::drain_due`]).
 
 use crate::config::Issue;
-use crate::record::{Body, LOSS_STREAM, Reading, Value};
+use crate::loss::Loss;
+use crate::record::{Body, Reading, Value};
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -106,39 +108,17 @@ pub fn tag_body(body: Body, tags: &Tags) -> Body {
     }
 }
 
-/// Why input was not turned into a reading (the `reason` field of the loss report).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LossReason {
-    /// The line (or value) did not parse in the configured format, or was not UTF-8.
-    Malformed,
-    /// The line was longer than `max_line_bytes`; it was cut off and dropped.
-    Oversized,
-}
+pub use crate::loss::LossReason;
 
-impl LossReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossReason::Malformed => "malformed",
-            LossReason::Oversized => "oversized",
-        }
-    }
-}
-
-/// One loss reading: `{stream, count, reason, sample}` on [`LOSS_STREAM`].
+/// One loss reading: `{stream, count, reason, sample}` on [`crate::record::LOSS_STREAM`].
 pub fn loss_reading(stream: &str, reason: LossReason, count: u64, sample: &[u8]) -> Reading {
     let sample = &sample[..sample.len().min(LOSS_SAMPLE_BYTES)];
-    Reading::fields(
-        LOSS_STREAM,
-        vec![
-            ("stream".into(), Value::Str(stream.to_string())),
-            ("count".into(), Value::U64(count)),
-            ("reason".into(), Value::Str(reason.as_str().into())),
-            (
-                "sample".into(),
-                Value::Str(String::from_utf8_lossy(sample).into_owned()),
-            ),
-        ],
-    )
+    Loss::new(stream, reason, count)
+        .with(
+            "sample",
+            Value::Str(String::from_utf8_lossy(sample).into_owned()),
+        )
+        .to_reading()
 }
 
 /// How often at most a collector logs that it dropped input.
@@ -210,6 +190,7 @@ impl LossTally {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::LOSS_STREAM;
 
     #[test]
     fn tally_aggregates_per_reason_with_the_first_sample() {

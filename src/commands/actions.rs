@@ -203,12 +203,46 @@ mod tests {
         assert!(o.truncated);
     }
 
-    #[tokio::test]
+    /// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kills_the_process_group_at_the_timeout() {
-        let a = action("/bin/sh", &["-c", "sleep 30 & sleep 30"], 200);
-        let started = std::time::Instant::now();
-        let o = run(&a, a.args.clone()).await.unwrap();
+        // The shell leaves a `sleep` running in the background (its pid in a file) and waits
+        // past the timeout; killing only the shell would leave the grandchild behind.
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("grandchild.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        let a = action("/bin/sh", &["-c", &script], 2000);
+        let task = tokio::spawn(async move { run(&a, a.args.clone()).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                break pid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the action never started its grandchild"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(
+            alive(pid),
+            "the grandchild {pid} is running before the timeout"
+        );
+        let o = task.await.unwrap().unwrap();
         assert!(o.timed_out, "{o:?}");
-        assert!(started.elapsed() < Duration::from_secs(5));
+        while alive(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!alive(pid), "the grandchild {pid} outlived the timeout");
     }
 }

@@ -23,7 +23,8 @@ pub mod request;
 
 use crate::config::{ActionSettings, CommandSettings};
 use crate::lifecycle::control::Control;
-use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, now_ms};
+use crate::loss::{Loss, LossReason};
+use crate::record::{Body, COMMANDS_STREAM, Reading, now_ms};
 use crate::spool::Intake;
 use crate::uplink::{AckRequest, CommandDelivery};
 use hmac::{Hmac, Mac};
@@ -232,21 +233,9 @@ impl CommandService {
                 return false;
             }
             // A refused command is data the operator sent that ferry dropped: count it.
-            let loss = Reading::fields(
-                LOSS_STREAM,
-                vec![
-                    (
-                        "stream".into(),
-                        crate::record::Value::Str(COMMANDS_STREAM.into()),
-                    ),
-                    ("count".into(), crate::record::Value::U64(1)),
-                    (
-                        "reason".into(),
-                        crate::record::Value::Str("expired_command".into()),
-                    ),
-                    ("id".into(), crate::record::Value::Str(id.clone())),
-                ],
-            );
+            let loss = Loss::new(COMMANDS_STREAM, LossReason::ExpiredCommand, 1)
+                .with("id", crate::record::Value::Str(id.clone()))
+                .to_reading();
             let _ = sh.intake.send(Intake::reading(loss)).await;
             sh.finish(&id, text).await;
             return true;

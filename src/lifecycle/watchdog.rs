@@ -7,7 +7,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (the system clock unless a test pauses it), so a test can check the beat over
+// many ticks without waiting for them.
+use tokio::time::Instant;
 
 /// How often a healthy task touches its heartbeat, at the least.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -44,10 +48,10 @@ impl Heartbeat {
 
     /// Sleeps for `d`, touching the heartbeat every [`TICK`].
     pub async fn sleep(&self, d: Duration) {
-        let end = tokio::time::Instant::now() + d;
+        let end = Instant::now() + d;
         loop {
             self.touch();
-            let now = tokio::time::Instant::now();
+            let now = Instant::now();
             if now >= end {
                 return;
             }
@@ -80,10 +84,25 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn sleeping_keeps_the_beat_fresh() {
+        // A long sleep touches the beat at least every TICK all along, not only at its ends:
+        // an observer never sees it older than a TICK (it would reach 10 s otherwise).
         let a = Heartbeat::new("a");
-        a.sleep(Duration::from_millis(30)).await;
-        assert!(a.age() < Duration::from_millis(25));
+        let sleeper = tokio::spawn({
+            let a = a.clone();
+            async move { a.sleep(TICK * 10).await }
+        });
+        let mut oldest = Duration::ZERO;
+        while !sleeper.is_finished() {
+            tokio::time::sleep(TICK / 10).await;
+            oldest = oldest.max(a.age());
+        }
+        assert!(
+            oldest <= TICK,
+            "the beat got {oldest:?} old during the sleep"
+        );
+        assert!(oldest >= TICK / 2, "the observer saw no tick: {oldest:?}");
+        assert!(a.age() <= TICK, "touched when the sleep ends");
     }
 }

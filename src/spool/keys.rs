@@ -5,6 +5,11 @@ pub const STREAM: u8 = b's';
 pub const GLOBAL: &[u8] = b"g";
 pub const COUNTERS: &[u8] = b"n";
 pub const POSITION: u8 = b'p';
+/// Loss reports held back and extended in place (`drop_newest` while full), not yet written as
+/// loss records.
+pub const PENDING_LOSSES: &[u8] = b"l";
+/// The generation of the unreported-failures file last reported on the loss stream.
+pub const FAILURES_REPORTED: &[u8] = b"f";
 
 pub fn chunk(stream_id: u32, chunk_id: u64) -> [u8; 13] {
     let mut k = [0u8; 13];

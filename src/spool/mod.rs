@@ -32,17 +32,45 @@
 //!
 //! **Full.** The spool is bounded by `max_bytes` of stored keys and values. With
 //! `drop_oldest` (default) a commit that would pass the cap first evicts the oldest chunks of
-//! any stream but `ferry.loss`, down to 9/10 of the cap (in steps: see `EVICT_DOWN_TO`); with `drop_newest` the new records that do not fit are not
-//! stored (their seqs are used up). Either way every dropped seq range is counted in the
-//! stream's persisted metadata and reported, in the same commit, as a record on the
-//! `ferry.loss` stream: `{stream, first_seq, last_seq, count, reason}`. Loss records are not
-//! themselves evicted, which is the "small slack" above the cap. sled's files take about twice
-//! the stored bytes on disk and do not shrink (see docs/ARCHITECTURE.md).
+//! any stream but `ferry.loss`, down to 9/10 of the cap (in steps: see `EVICT_DOWN_TO`); with
+//! `drop_newest` the new records that do not fit are not stored (their seqs are used up).
+//! Either way every dropped seq range is counted, in the same commit, in the stream's persisted
+//! metadata and in the loss counters.
+//!
+//! **Loss reports.** Every loss is one [`crate::loss::Loss`] (stream, reason, count, seq
+//! range, detail), written as a record on `ferry.loss` with the fields of docs/WIRE.md and
+//! counted by [`Counters::count`]; nothing else builds or counts one. Loss records are not
+//! evicted, which is the only slack above the cap, and no fault may grow them without bound:
+//! - `evicted` ranges are written in the commit that evicts (one record per evicted stream per
+//!   eviction step of a tenth of the cap);
+//! - `spool_full` ranges (`drop_newest`) are *held back*: one open range per stream, persisted
+//!   under `keys::PENDING_LOSSES` in the same batch and extended in place while the spool stays
+//!   full, so a long outage adds no chunk at all. They are written (already counted) by the
+//!   first commit that drops nothing, or when a stream's next dropped range does not follow on;
+//! - `disk_full` and `spool_write_failed` (readings that never got seqs) are counted and made
+//!   durable *before the writer goes on*, in a small fsynced file beside sled's
+//!   (`unreported`), since sled must not be written on a full disk; the next successful commit
+//!   writes them with a generation marker in the same batch, so a restart reports them exactly
+//!   once.
+//!
+//! **Bad chunks.** A chunk that does not decode (the drain meets it, or eviction reaches it) is
+//! moved aside, never an error that stops delivery or commits: its bytes go to
+//! `<spool dir>.badchunk-<stream>-<chunk id>`, it is deleted with its stream's counters
+//! adjusted, and its seqs are reported as `spool_corrupt` (exact from the header; with an
+//! unreadable header the count is exact and the range bounded by the readable neighbours, see
+//! `badchunk`).
+//!
+//! **Clock correction.** [`Spool::correct_clock`] rewrites unsynced records in batches of
+//! `CORRECT_BATCH_CHUNKS` chunks under the lock, with a key cursor between batches: commits
+//! and acks go on meanwhile, and memory is one batch, not the spool. sled's files take about
+//! twice the stored bytes on disk and do not shrink (see docs/ARCHITECTURE.md).
 
+mod badchunk;
 pub mod chunk;
 pub mod drain;
 pub mod keys;
 mod store;
+mod unreported;
 pub mod writer;
 
 pub use drain::{DrainRules, DrainState, Lane, LaneWeights, Pick, StreamDrain};

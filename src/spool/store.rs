@@ -5,18 +5,21 @@
 //! the persisted ones and a batch never races another for the same keys. Flushes run outside
 //! the mutex; [`Inner::readable_below`] then advances so readers see only flushed chunks.
 
+use super::badchunk::{self, StreamView};
 use super::chunk::{self, Header};
 use super::drain::{DrainRules, DrainState, Lane, Pick};
 use super::keys;
+use super::unreported::Unreported;
 use super::{Checkpoint, Intake, SpoolError};
 use crate::clock::{ClockSource, ClockState, SystemClock};
 use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
+use crate::loss::{Loss, LossReason};
 use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM, Reading, Record, Value, now_ms};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tracing::error;
+use tracing::{error, warn};
 
 /// When a commit would pass the cap under `drop_oldest`, evict down to this fraction of it
 /// (9/10), not just enough to fit. Evicting a little every commit made sled's files grow
@@ -24,6 +27,10 @@ use tracing::error;
 /// (`benches/spool_churn.rs`, docs/PERFORMANCE.md). The extra records evicted are the oldest
 /// and are reported like any eviction.
 const EVICT_DOWN_TO: (u64, u64) = (9, 10);
+/// Chunks [`Spool::correct_clock`] rewrites per batch, under the lock; commits and acks run
+/// between batches. With chunks of at most `batch.max_bytes / 8` (8 KiB by default) a batch
+/// holds about 512 KiB, whatever the size of the spool.
+const CORRECT_BATCH_CHUNKS: usize = 64;
 /// How long `open` waits for sled's file lock before reporting that another process holds it.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -65,14 +72,27 @@ pub struct Counters {
     pub lost: BTreeMap<String, u64>,
 }
 
+impl Counters {
+    /// Adds a loss to its reason's total: the one place a loss is counted.
+    pub fn count(&mut self, loss: &Loss) {
+        *self
+            .lost
+            .entry(loss.reason.as_str().to_string())
+            .or_default() += loss.count;
+    }
+}
+
 struct State {
     counters: Counters,
     ids: HashMap<String, u32>,
     metas: BTreeMap<u32, StreamMeta>,
     global: GlobalMeta,
-    /// Readings that could not be committed (storage error), per stream; reported on the loss
-    /// stream by the next commit that succeeds.
-    unreported_failures: BTreeMap<(String, &'static str), u64>,
+    /// Readings that could not be committed (disk full, storage error), per stream; durable in
+    /// a side file and reported on the loss stream by the next commit that succeeds.
+    failures: Unreported,
+    /// `drop_newest` losses held back while the spool stays full, one range per stream,
+    /// extended in place (persisted under [`keys::PENDING_LOSSES`]).
+    pending: Vec<Loss>,
 }
 
 impl State {
@@ -204,25 +224,56 @@ impl NewChunk {
 /// Seq ranges dropped in one commit, per (stream, reason), merged when contiguous.
 #[derive(Default)]
 struct Losses {
-    ranges: Vec<(String, &'static str, u64, u64)>,
+    ranges: Vec<Loss>,
 }
 
 impl Losses {
-    fn add(&mut self, stream: &str, reason: &'static str, first: u64, count: u64) {
+    fn add(&mut self, stream: &str, reason: LossReason, first: u64, count: u64) {
         if count == 0 {
             return;
         }
         let last = first + count - 1;
-        if let Some(r) = self
-            .ranges
-            .iter_mut()
-            .find(|r| r.0 == stream && r.1 == reason && r.3 + 1 == first)
+        let same = |l: &&mut Loss| l.stream.as_deref() == Some(stream) && l.reason == reason;
+        if let Some(l) = self.ranges.iter_mut().filter(same).last()
+            && l.extend(first, last)
         {
-            r.3 = last;
             return;
         }
-        self.ranges.push((stream.to_string(), reason, first, last));
+        self.ranges.push(Loss::range(stream, reason, first, last));
     }
+}
+
+/// Moves this commit's `spool_full` ranges into `pending`, extending a held range in place
+/// when it follows on directly, so a spool that stays full under `drop_newest` writes no new
+/// loss chunk per commit. Returns the ranges to write now: a held range that a new one does not
+/// follow (records of the stream were stored in between), and, once a commit drops nothing,
+/// every held range (room is back).
+fn hold_back(pending: &mut Vec<Loss>, losses: Vec<Loss>) -> Vec<Loss> {
+    let mut now = Vec::new();
+    let mut dropped = false;
+    for l in losses {
+        if l.reason != LossReason::SpoolFull {
+            now.push(l);
+            continue;
+        }
+        dropped = true;
+        let (first, last) = l.seqs.expect("a spool_full loss has seqs");
+        match pending
+            .iter_mut()
+            .find(|p| p.stream == l.stream && p.reason == l.reason)
+        {
+            Some(p) => {
+                if !p.extend(first, last) {
+                    now.push(std::mem::replace(p, l));
+                }
+            }
+            None => pending.push(l),
+        }
+    }
+    if !dropped {
+        now.append(pending);
+    }
+    now
 }
 
 impl Spool {
@@ -257,18 +308,20 @@ impl Spool {
                 .tree
                 .insert(keys::GLOBAL, encode_meta(&state.global))?;
         }
-        let loss = Reading::fields(
-            LOSS_STREAM,
-            vec![
-                ("reason".into(), Value::Str("spool_corrupt".into())),
+        let loss = Loss {
+            stream: None,
+            reason: LossReason::SpoolCorrupt,
+            count: 1,
+            seqs: None,
+            detail: vec![
                 (
                     "quarantined".into(),
                     Value::Str(target.display().to_string()),
                 ),
                 ("error".into(), Value::Str(why.to_string())),
             ],
-        );
-        spool.commit(&[Intake::reading(loss)])?;
+        };
+        spool.commit(&[Intake::reading(loss.to_reading())])?;
         Ok(spool)
     }
 
@@ -345,6 +398,7 @@ impl Spool {
             ids.insert(meta.name.clone(), id);
             metas.insert(id, meta);
         }
+        let (failures, pending, counters) = load_losses(&tree, &settings.dir, counters)?;
         let (committed, _) = tokio::sync::watch::channel(global.next_chunk_id);
         Ok(Spool {
             inner: Arc::new(Inner {
@@ -357,7 +411,8 @@ impl Spool {
                     ids,
                     metas,
                     global,
-                    unreported_failures: BTreeMap::new(),
+                    failures,
+                    pending,
                 }),
                 committed,
                 clock: std::sync::RwLock::new(Arc::new(SystemClock::new(
@@ -390,6 +445,13 @@ impl Spool {
     /// Rewrites the timestamps of stored records stamped unsynced in the current kernel boot:
     /// `ts = uptime_at_stamp + (wall_now - uptime_now)`, marked `Corrected`. Call once the
     /// clock is synchronised. Returns how many records were corrected.
+    ///
+    /// Works through the spool in batches of `CORRECT_BATCH_CHUNKS` (64) chunks, each one sled
+    /// batch under the lock, with a cursor in between: commits and acks go on while a large
+    /// spool is corrected, and memory stays one batch. Chunks acked or evicted between batches
+    /// are simply not met; chunks committed meanwhile were stamped by the synced clock.
+    /// Unreadable chunks are skipped (the drain moves them aside). Flushed once at the end: a
+    /// crash before loses only the correction, which the next sync of the same boot redoes.
     pub fn correct_clock(&self) -> Result<u64, SpoolError> {
         let clock = self.clock();
         if !clock.synced() {
@@ -397,13 +459,44 @@ impl Spool {
         }
         let offset = clock.now_ms() as i64 - clock.uptime_ms() as i64;
         let boot_now = clock.boot();
-        let mut state = self.lock();
-        let mut metas = state.metas.clone();
-        let mut batch = sled::Batch::default();
+        let mut cursor = vec![keys::CHUNK];
         let mut corrected = 0;
-        for item in self.inner.tree.scan_prefix([keys::CHUNK]) {
+        loop {
+            let (n, next) = self.correct_batch(&cursor, offset, boot_now)?;
+            corrected += n;
+            match next {
+                Some(k) => cursor = k,
+                None => break,
+            }
+        }
+        if corrected > 0 {
+            self.inner.tree.flush()?;
+        }
+        Ok(corrected)
+    }
+
+    /// One batch of [`Spool::correct_clock`] from chunk key `from`; returns the records
+    /// corrected and the key to go on from.
+    fn correct_batch(
+        &self,
+        from: &[u8],
+        offset: i64,
+        boot_now: u32,
+    ) -> Result<(u64, Option<Vec<u8>>), SpoolError> {
+        let state = self.lock();
+        let mut changed: BTreeMap<u32, StreamMeta> = BTreeMap::new();
+        let mut batch = sled::Batch::default();
+        let (mut corrected, mut seen) = (0, 0);
+        let end = [keys::CHUNK + 1];
+        for item in self.inner.tree.range(from..&end[..]) {
             let (k, v) = item?;
-            let (h, records) = chunk::decode(&v)?;
+            if seen == CORRECT_BATCH_CHUNKS {
+                return self.apply_correction(state, batch, changed, corrected, Some(k.to_vec()));
+            }
+            seen += 1;
+            let Ok((h, records)) = chunk::decode(&v) else {
+                continue;
+            };
             if !records
                 .iter()
                 .any(|r| matches!(r.clock, ClockState::Unsynced { boot, .. } if boot == boot_now))
@@ -412,7 +505,7 @@ impl Spool {
             }
             let mut buf = Vec::with_capacity(v.len());
             for r in &records {
-                let (ts, state) = match r.clock {
+                let (ts, clock) = match r.clock {
                     ClockState::Unsynced { boot, uptime_ms } if boot == boot_now => {
                         corrected += 1;
                         (
@@ -422,26 +515,35 @@ impl Spool {
                     }
                     other => (r.ts_ms, other),
                 };
-                chunk::encode_record(&mut buf, ts, state, &r.body);
+                chunk::encode_record(&mut buf, ts, clock, &r.body);
             }
             let value = chunk::assemble(h, &buf);
             let sid = u32::from_be_bytes(k[1..5].try_into().expect("chunk key has a stream id"));
-            if let Some(m) = metas.get_mut(&sid) {
+            if let Some(m) = state.metas.get(&sid) {
+                let m = changed.entry(sid).or_insert_with(|| m.clone());
                 m.bytes = m.bytes + value.len() as u64 - v.len() as u64;
             }
             batch.insert(k, value);
         }
-        if corrected == 0 {
-            return Ok(0);
+        self.apply_correction(state, batch, changed, corrected, None)
+    }
+
+    fn apply_correction(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        mut batch: sled::Batch,
+        changed: BTreeMap<u32, StreamMeta>,
+        corrected: u64,
+        next: Option<Vec<u8>>,
+    ) -> Result<(u64, Option<Vec<u8>>), SpoolError> {
+        if corrected > 0 {
+            for (sid, meta) in &changed {
+                batch.insert(&keys::stream(*sid), encode_meta(meta));
+            }
+            self.inner.tree.apply_batch(batch)?;
+            state.metas.extend(changed);
         }
-        for (sid, meta) in &metas {
-            batch.insert(&keys::stream(*sid), encode_meta(meta));
-        }
-        self.inner.tree.apply_batch(batch)?;
-        state.metas = metas;
-        drop(state);
-        self.inner.tree.flush()?;
-        Ok(corrected)
+        Ok((corrected, next))
     }
 
     /// Watch that changes whenever newly flushed chunks become readable.
@@ -497,107 +599,34 @@ impl Spool {
         }
 
         // Apply the cap.
-        let new_bytes: u64 = new_chunks.iter().map(NewChunk::bytes).sum();
-        let mut total = metas.values().map(|m| m.bytes).sum::<u64>();
-        if total + new_bytes > settings.max_bytes {
-            match settings.full_policy {
-                FullPolicy::DropOldest => {
-                    let loss_id = ids.get(LOSS_STREAM).copied();
-                    let mut evict_from: HashMap<u32, u64> = HashMap::new();
-                    let target = settings.max_bytes / EVICT_DOWN_TO.1 * EVICT_DOWN_TO.0;
-                    while total + new_bytes > target {
-                        let Some((sid, key, value)) =
-                            self.oldest_chunk(&metas, loss_id, &evict_from)?
-                        else {
-                            break;
-                        };
-                        let h = chunk::header(&value)?;
-                        let cid = keys::chunk_id(&key).expect("chunk key");
-                        evict_from.insert(sid, cid + 1);
-                        let bytes = (value.len() + key.len()) as u64;
-                        let meta = metas.get_mut(&sid).expect("evicted chunk has a stream");
-                        meta.records -= h.count as u64;
-                        meta.bytes -= bytes;
-                        meta.chunks -= 1;
-                        meta.evicted += h.count as u64;
-                        total -= bytes;
-                        summary.evicted += h.count as u64;
-                        losses.add(&meta.name, "evicted", h.first_seq, h.count as u64);
-                        batch.remove(key);
-                    }
-                    // Even an empty spool cannot hold this group: keep its newest part.
-                    let mut excess = (total + new_bytes).saturating_sub(settings.max_bytes);
-                    new_chunks.retain(|c| {
-                        if excess == 0 {
-                            return true;
-                        }
-                        excess = excess.saturating_sub(c.bytes());
-                        drop_new(&mut metas, c, &mut losses, "evicted", &mut summary.evicted);
-                        false
-                    });
-                }
-                FullPolicy::DropNewest => {
-                    let mut room = settings.max_bytes.saturating_sub(total);
-                    let mut full = false;
-                    new_chunks.retain(|c| {
-                        if !full && c.bytes() <= room {
-                            room -= c.bytes();
-                            return true;
-                        }
-                        full = true;
-                        drop_new(
-                            &mut metas,
-                            c,
-                            &mut losses,
-                            "spool_full",
-                            &mut summary.dropped,
-                        );
-                        false
-                    });
-                }
-            }
-        }
+        let loss_id = ids.get(LOSS_STREAM).copied();
+        self.apply_cap(
+            &mut metas,
+            loss_id,
+            global.seq_floor,
+            &mut new_chunks,
+            &mut batch,
+            &mut summary,
+            &mut losses,
+        )?;
 
-        // Report what was dropped, in the same batch.
-        let mut loss_readings: Vec<(u64, Body)> = losses
-            .ranges
-            .iter()
-            .map(|(stream, reason, first, last)| {
-                (
-                    committed_ms,
-                    Body::Fields(vec![
-                        ("stream".into(), Value::Str(stream.clone())),
-                        ("first_seq".into(), Value::U64(*first)),
-                        ("last_seq".into(), Value::U64(*last)),
-                        ("count".into(), Value::U64(last - first + 1)),
-                        ("reason".into(), Value::Str((*reason).into())),
-                    ]),
-                )
-            })
-            .collect();
-        for ((stream, reason), count) in &state.unreported_failures {
-            loss_readings.push((
-                committed_ms,
-                Body::Fields(vec![
-                    ("stream".into(), Value::Str(stream.clone())),
-                    ("count".into(), Value::U64(*count)),
-                    ("reason".into(), Value::Str((*reason).into())),
-                ]),
-            ));
+        // Count what this commit dropped, and report it in the same batch, except `drop_newest`
+        // ranges held back while the spool stays full; failures of earlier groups go with it.
+        let mut counters = state.counters.clone();
+        for l in &losses.ranges {
+            counters.count(l);
         }
-        if !loss_readings.is_empty() {
-            let sid = stream_id(&mut ids, &mut metas, &mut global, LOSS_STREAM);
-            let meta = metas
-                .get_mut(&sid)
-                .expect("loss stream id was just ensured");
-            pack(
-                sid,
-                meta,
-                &mut global,
-                loss_readings
-                    .iter()
-                    .map(|(ts, b)| (*ts, clock.stamp(*ts), b)),
+        let mut pending = state.pending.clone();
+        let mut report = hold_back(&mut pending, losses.ranges);
+        let failures = state.failures.losses();
+        let failures_collected = state.failures.collected();
+        report.extend(failures.iter().cloned());
+        if !report.is_empty() {
+            pack_losses(
+                (&mut ids, &mut metas, &mut global),
+                &report,
                 committed_ms,
+                &clock,
                 settings,
                 &mut new_chunks,
             );
@@ -607,32 +636,34 @@ impl Spool {
             summary.accepted += c.count;
             batch.insert(&keys::chunk(c.stream_id, c.chunk_id), c.value.as_slice());
         }
-        if !loss_readings.is_empty() {
-            // The loss records themselves are not "accepted" readings of a collector.
-            summary.accepted -= loss_readings.len() as u64;
-        }
+        // The loss records themselves are not "accepted" readings of a collector.
+        summary.accepted -= report.len() as u64;
         for (sid, meta) in &metas {
             if state.metas.get(sid).is_none_or(|old| !same_meta(old, meta)) {
                 batch.insert(&keys::stream(*sid), encode_meta(meta));
             }
         }
-        let mut counters = state.counters.clone();
         let offered: u64 = group.iter().map(|i| i.readings.len() as u64).sum();
         counters.collected += offered;
         counters.committed += summary.accepted;
         // Losses reported by collectors travel as readings on the loss stream.
-        for r in group
+        for loss in group
             .iter()
             .flat_map(|i| &i.readings)
             .filter(|r| r.stream == LOSS_STREAM)
+            .filter_map(|r| Loss::from_body(&r.body))
         {
-            count_loss(&mut counters, &r.body);
-        }
-        for (_, body) in &loss_readings {
-            count_loss(&mut counters, body);
+            counters.count(&loss);
         }
         batch.insert(keys::COUNTERS, encode_meta(&counters));
         batch.insert(keys::GLOBAL, encode_meta(&global));
+        if pending != state.pending {
+            batch.insert(keys::PENDING_LOSSES, encode_meta(&pending));
+        }
+        if !failures.is_empty() {
+            let (key, generation) = state.failures.reported_marker();
+            batch.insert(key, &generation[..]);
+        }
         for cp in &checkpoints {
             batch.insert(keys::position(&cp.source), cp.position.as_slice());
         }
@@ -640,12 +671,15 @@ impl Spool {
         state.metas = metas;
         state.ids = ids;
         state.global = global;
-        state.unreported_failures.clear();
         state.counters = counters;
+        state.pending = pending;
         let readable = global.next_chunk_id;
         drop(state);
 
         self.inner.tree.flush()?;
+        if !failures.is_empty() {
+            self.lock().failures.reported(&failures, failures_collected);
+        }
         self.inner
             .readable_below
             .fetch_max(readable, Ordering::AcqRel);
@@ -653,21 +687,150 @@ impl Spool {
         Ok(summary)
     }
 
-    /// Remembers readings that could not be committed, to report them on the loss stream with
-    /// the next successful commit (reason `disk_full` or `spool_write_failed`).
+    /// Applies the byte cap to a commit: under `drop_oldest` evicts the oldest chunks of any
+    /// stream but `skip` (the loss stream) into `batch`, under `drop_newest` drops the new
+    /// chunks that do not fit; adjusts `metas` and records every dropped range in `losses`.
+    /// An unreadable chunk met by eviction is moved aside ([`badchunk`]), not an error.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_cap(
+        &self,
+        metas: &mut BTreeMap<u32, StreamMeta>,
+        skip: Option<u32>,
+        seq_floor: u64,
+        new_chunks: &mut Vec<NewChunk>,
+        batch: &mut sled::Batch,
+        summary: &mut CommitSummary,
+        losses: &mut Losses,
+    ) -> Result<(), SpoolError> {
+        let settings = &self.inner.settings;
+        let new_bytes: u64 = new_chunks.iter().map(NewChunk::bytes).sum();
+        let mut total = metas.values().map(|m| m.bytes).sum::<u64>();
+        if total + new_bytes <= settings.max_bytes {
+            return Ok(());
+        }
+        match settings.full_policy {
+            FullPolicy::DropOldest => {
+                let mut evict_from: HashMap<u32, u64> = HashMap::new();
+                let target = settings.max_bytes / EVICT_DOWN_TO.1 * EVICT_DOWN_TO.0;
+                while total + new_bytes > target {
+                    let Some((sid, key, value)) = self.oldest_chunk(metas, skip, &evict_from)?
+                    else {
+                        break;
+                    };
+                    let cid = keys::chunk_id(&key).expect("chunk key");
+                    let from = evict_from.insert(sid, cid + 1).unwrap_or(0);
+                    let bytes = (value.len() + key.len()) as u64;
+                    let meta = metas.get_mut(&sid).expect("evicted chunk has a stream");
+                    match chunk::header(&value) {
+                        Ok(h) => {
+                            meta.records -= h.count as u64;
+                            meta.evicted += h.count as u64;
+                            summary.evicted += h.count as u64;
+                            losses.add(
+                                &meta.name,
+                                LossReason::Evicted,
+                                h.first_seq,
+                                h.count as u64,
+                            );
+                        }
+                        Err(e) => {
+                            let loss = self.evict_bad(
+                                sid, meta, cid, from, &value, &e, new_chunks, seq_floor,
+                            )?;
+                            losses.ranges.push(loss);
+                        }
+                    }
+                    meta.bytes -= bytes;
+                    meta.chunks -= 1;
+                    total -= bytes;
+                    batch.remove(key);
+                }
+                // Even an empty spool cannot hold this group: keep its newest part.
+                let mut excess = (total + new_bytes).saturating_sub(settings.max_bytes);
+                new_chunks.retain(|c| {
+                    if excess == 0 {
+                        return true;
+                    }
+                    excess = excess.saturating_sub(c.bytes());
+                    drop_new(metas, c, losses, LossReason::Evicted, &mut summary.evicted);
+                    false
+                });
+            }
+            FullPolicy::DropNewest => {
+                let mut room = settings.max_bytes.saturating_sub(total);
+                let mut full = false;
+                new_chunks.retain(|c| {
+                    if !full && c.bytes() <= room {
+                        room -= c.bytes();
+                        return true;
+                    }
+                    full = true;
+                    drop_new(
+                        metas,
+                        c,
+                        losses,
+                        LossReason::SpoolFull,
+                        &mut summary.dropped,
+                    );
+                    false
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Eviction met an unreadable chunk: moves it aside ([`badchunk`]) and un-counts it from
+    /// `meta`, whose records with chunk id `>= from` are those left in the tree plus this
+    /// commit's `new_chunks`.
+    #[allow(clippy::too_many_arguments)]
+    fn evict_bad(
+        &self,
+        sid: u32,
+        meta: &mut StreamMeta,
+        cid: u64,
+        from: u64,
+        value: &[u8],
+        why: &SpoolError,
+        new_chunks: &[NewChunk],
+        seq_floor: u64,
+    ) -> Result<Loss, SpoolError> {
+        let new = new_chunks.iter().filter(|c| c.stream_id == sid);
+        let unstored: u64 = new.clone().map(|c| c.count).sum();
+        let view = StreamView {
+            sid,
+            name: &meta.name,
+            records: meta.records - unstored,
+            from,
+            next_seq: new.map(|c| c.first_seq).min().unwrap_or(meta.next_seq),
+            seq_floor,
+        };
+        let dir = &self.inner.settings.dir;
+        let taken = badchunk::take(&self.inner.tree, dir, &view, cid, value, why)?;
+        meta.records -= taken.records;
+        Ok(taken.loss)
+    }
+
+    /// Counts readings that could not be committed (reason `disk_full` or
+    /// `spool_write_failed`) and keeps the count durable (in a side file, see `spool::unreported`) until the
+    /// next successful commit reports it on the loss stream.
     pub fn note_failed(&self, group: &[Intake], error: &SpoolError) {
         let reason = match error {
-            SpoolError::DiskFull { .. } => "disk_full",
-            _ => "spool_write_failed",
+            SpoolError::DiskFull { .. } => LossReason::DiskFull,
+            _ => LossReason::SpoolWriteFailed,
         };
-        let mut state = self.lock();
+        let mut per_stream: BTreeMap<&str, u64> = BTreeMap::new();
         for r in group.iter().flat_map(|i| &i.readings) {
-            state.counters.collected += 1;
-            *state
-                .unreported_failures
-                .entry((r.stream.clone(), reason))
-                .or_default() += 1;
+            *per_stream.entry(&r.stream).or_default() += 1;
         }
+        let mut state = self.lock();
+        for (stream, n) in &per_stream {
+            state.counters.collected += n;
+            state.counters.count(&Loss::new(stream, reason, *n));
+        }
+        state.failures.note(
+            per_stream.into_iter().map(|(s, n)| (s.to_string(), n)),
+            reason,
+        );
     }
 
     /// Refuses to write when the spool's filesystem has less than `min_free_bytes` (plus what
@@ -850,13 +1013,21 @@ impl Spool {
             Box::new(range)
         };
         let mut read_all = true;
+        let mut moved_aside = false;
         for item in items {
             if one_chunk && !batch.chunks.is_empty() {
                 read_all = false;
                 break;
             }
             let (k, v) = item?;
-            let (h, recs) = chunk::decode(&v)?;
+            let (h, recs) = match chunk::decode(&v) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    self.take_bad_chunk(pick.sid, &k, &v, &e)?;
+                    moved_aside = true;
+                    continue;
+                }
+            };
             let size = k.len() + v.len();
             if !batch.chunks.is_empty()
                 && (records + recs.len() > limits.max_records || bytes + size > limits.max_bytes)
@@ -877,12 +1048,91 @@ impl Spool {
                 break;
             }
         }
+        if batch.chunks.is_empty() && moved_aside {
+            // Every chunk in reach was bad and is gone now: pick again.
+            return self.drain_batch(state, limits, rules, high_only, skip);
+        }
         // A limit stopped the batch: more of the stream waits (for Newest: older chunks).
         batch.full = !read_all || records >= limits.max_records;
         if pick.pick == Pick::Newest {
             batch.chunks.reverse();
         }
         Ok(Some(batch))
+    }
+
+    /// Moves an unreadable chunk met by the drain aside ([`badchunk`]): exports it, deletes it,
+    /// and writes its `spool_corrupt` loss record, in one flushed batch.
+    fn take_bad_chunk(
+        &self,
+        sid: u32,
+        key: &[u8],
+        value: &[u8],
+        why: &SpoolError,
+    ) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        // Acked, evicted or taken by someone else meanwhile: nothing to do.
+        if self.inner.tree.get(key)?.is_none_or(|v| v != value) {
+            return Ok(());
+        }
+        let (mut metas, mut ids, mut global) =
+            (state.metas.clone(), state.ids.clone(), state.global);
+        let Some(meta) = metas.get_mut(&sid) else {
+            return Ok(());
+        };
+        let view = StreamView {
+            sid,
+            name: &meta.name,
+            records: meta.records,
+            from: 0,
+            next_seq: meta.next_seq,
+            seq_floor: global.seq_floor,
+        };
+        let cid = keys::chunk_id(key).expect("chunk key");
+        let dir = &self.inner.settings.dir;
+        let taken = badchunk::take(&self.inner.tree, dir, &view, cid, value, why)?;
+        meta.records = meta.records.saturating_sub(taken.records);
+        meta.bytes = meta.bytes.saturating_sub((key.len() + value.len()) as u64);
+        meta.chunks = meta.chunks.saturating_sub(1);
+        let mut counters = state.counters.clone();
+        counters.count(&taken.loss);
+        let mut new_chunks = Vec::new();
+        let now = now_ms();
+        let clock = self.clock().snapshot();
+        let settings = &self.inner.settings;
+        let losses = [taken.loss];
+        pack_losses(
+            (&mut ids, &mut metas, &mut global),
+            &losses,
+            now,
+            &clock,
+            settings,
+            &mut new_chunks,
+        );
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        for c in &new_chunks {
+            batch.insert(&keys::chunk(c.stream_id, c.chunk_id), c.value.as_slice());
+        }
+        for (sid, meta) in &metas {
+            if state.metas.get(sid).is_none_or(|old| !same_meta(old, meta)) {
+                batch.insert(&keys::stream(*sid), encode_meta(meta));
+            }
+        }
+        batch.insert(keys::COUNTERS, encode_meta(&counters));
+        batch.insert(keys::GLOBAL, encode_meta(&global));
+        self.inner.tree.apply_batch(batch)?;
+        state.metas = metas;
+        state.ids = ids;
+        state.global = global;
+        state.counters = counters;
+        drop(state);
+        self.inner.tree.flush()?;
+        let readable = global.next_chunk_id;
+        self.inner
+            .readable_below
+            .fetch_max(readable, Ordering::AcqRel);
+        self.inner.committed.send_replace(readable);
+        Ok(())
     }
 
     /// Deletes acknowledged chunks. Chunks already gone (evicted meanwhile, or acked twice)
@@ -905,7 +1155,16 @@ impl Spool {
             for &cid in chunk_ids {
                 let key = keys::chunk(*stream_id, cid);
                 if let Some(v) = self.inner.tree.get(key)? {
-                    let h: Header = chunk::header(&v)?;
+                    // Never handed out (the drain moves unreadable chunks aside), so never
+                    // acknowledged; skip rather than fail the other acks.
+                    let Ok(h): Result<Header, _> = chunk::header(&v) else {
+                        warn!(
+                            stream_id,
+                            chunk_id = cid,
+                            "Acknowledged chunk is unreadable; left to the drain."
+                        );
+                        continue;
+                    };
                     meta.records -= h.count as u64;
                     meta.bytes -= (v.len() + key.len()) as u64;
                     meta.chunks -= 1;
@@ -1063,6 +1322,12 @@ impl Spool {
         Ok(self.inner.db.open_tree(name)?)
     }
 
+    /// The spool's tree, for tests that damage stored values.
+    #[cfg(test)]
+    pub(super) fn tree(&self) -> &sled::Tree {
+        &self.inner.tree
+    }
+
     /// Flushes everything, including lazy deletions. Called at shutdown.
     pub fn flush(&self) -> Result<(), SpoolError> {
         self.inner.db.flush()?;
@@ -1079,19 +1344,54 @@ impl Spool {
     }
 }
 
-/// Adds a loss record's count to its reason's total.
-fn count_loss(counters: &mut Counters, body: &Body) {
-    let Body::Fields(fields) = body else { return };
-    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-    let Some(Value::Str(reason)) = get("reason") else {
-        return;
+/// Loss reports that wait at open: `drop_newest` ranges held back (in sled), and failures (in
+/// the side file) whose counts sled's counters do not hold yet.
+fn load_losses(
+    tree: &sled::Tree,
+    dir: &std::path::Path,
+    mut counters: Counters,
+) -> Result<(Unreported, Vec<Loss>, Counters), SpoolError> {
+    let pending = match tree.get(keys::PENDING_LOSSES)? {
+        Some(v) => decode_meta("held loss reports", &v)?,
+        None => Vec::new(),
     };
-    let count = match get("count") {
-        Some(Value::U64(n)) => *n,
-        Some(Value::I64(n)) => (*n).max(0) as u64,
-        _ => 1,
-    };
-    *counters.lost.entry(reason.clone()).or_default() += count;
+    let failures = Unreported::load(dir, tree);
+    counters.collected += failures.collected();
+    for loss in failures.losses() {
+        counters.count(&loss);
+    }
+    Ok((failures, pending, counters))
+}
+
+/// Packs loss reports into new chunks of the loss stream.
+fn pack_losses(
+    (ids, metas, global): (
+        &mut HashMap<String, u32>,
+        &mut BTreeMap<u32, StreamMeta>,
+        &mut GlobalMeta,
+    ),
+    losses: &[Loss],
+    committed_ms: u64,
+    clock: &crate::clock::Snapshot,
+    settings: &SpoolSettings,
+    out: &mut Vec<NewChunk>,
+) {
+    let bodies: Vec<Body> = losses.iter().map(Loss::to_body).collect();
+    let sid = stream_id(ids, metas, global, LOSS_STREAM);
+    let meta = metas
+        .get_mut(&sid)
+        .expect("loss stream id was just ensured");
+    pack(
+        sid,
+        meta,
+        global,
+        bodies
+            .iter()
+            .map(|b| (committed_ms, clock.stamp(committed_ms), b)),
+        committed_ms,
+        settings,
+        out,
+    );
 }
 
 /// Rough encoded size of a body, for the free-space check.
@@ -1208,7 +1508,7 @@ fn drop_new(
     metas: &mut BTreeMap<u32, StreamMeta>,
     c: &NewChunk,
     losses: &mut Losses,
-    reason: &'static str,
+    reason: LossReason,
     counter: &mut u64,
 ) {
     let meta = metas.get_mut(&c.stream_id).expect("new chunk has a stream");

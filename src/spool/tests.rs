@@ -1,5 +1,6 @@
 //! Contract tests of the spool on a real sled database in a temp dir.
 
+use super::badchunk;
 use super::*;
 use crate::config::{BatchLimits, FullPolicy, SpoolSettings};
 use crate::record::{Body, LOSS_STREAM, Reading, Value};
@@ -216,10 +217,26 @@ fn drop_oldest_evicts_oldest_and_reports_the_ranges() {
     assert_eq!(stats.counters.committed, 2000);
 }
 
+/// Acknowledges everything readable.
+fn ack_all(spool: &Spool) {
+    while let Some(b) = spool.next_batch(&HashMap::new(), &ALL).unwrap() {
+        let ids: Vec<u64> = b.chunks.iter().map(|c| c.chunk_id).collect();
+        spool.ack(b.stream_id, &ids).unwrap();
+    }
+}
+
+fn u64_of(v: &Value) -> u64 {
+    match v {
+        Value::U64(n) => *n,
+        other => panic!("not a u64: {other:?}"),
+    }
+}
+
 #[test]
-fn drop_newest_keeps_old_records_and_reports_the_new_ones() {
+fn drop_newest_keeps_old_records_and_reports_the_new_ones_once_room_is_back() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(&settings(dir.path(), 64 << 10, FullPolicy::DropNewest)).unwrap();
+    let s = settings(dir.path(), 64 << 10, FullPolicy::DropNewest);
+    let spool = Spool::open(&s).unwrap();
     let mut dropped = 0;
     for round in 0..40u64 {
         dropped += spool
@@ -235,23 +252,120 @@ fn drop_newest_keeps_old_records_and_reports_the_new_ones() {
         .collect();
     assert_eq!(left[0], 1);
     assert!(left.windows(2).all(|w| w[1] == w[0] + 1));
-    let reasons: Vec<Value> = loss_records(&spool)
-        .into_iter()
-        .map(|l| l["reason"].clone())
-        .collect();
-    assert!(
-        reasons
-            .iter()
-            .all(|r| *r == Value::Str("spool_full".into()))
+    // While full, the dropped range is held back (counted, durable), not a chunk per commit.
+    assert!(loss_records(&spool).is_empty());
+    assert_eq!(
+        spool.stats().counters.lost.get("spool_full"),
+        Some(&dropped)
     );
-    let counted: u64 = loss_records(&spool)
-        .iter()
-        .map(|l| match l["count"] {
-            Value::U64(c) => c,
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(counted, dropped);
+    drop(spool);
+    std::thread::sleep(Duration::from_millis(1100));
+    let spool = Spool::open(&s).unwrap();
+    // Room comes back (everything acknowledged): the next commit reports one range.
+    ack_all(&spool);
+    spool.commit(&intakes("a", 2000..2001)).unwrap();
+    let losses = loss_records(&spool);
+    assert_eq!(losses.len(), 1, "{losses:?}");
+    assert_eq!(losses[0]["reason"], Value::Str("spool_full".into()));
+    assert_eq!(u64_of(&losses[0]["count"]), dropped);
+    assert_eq!(u64_of(&losses[0]["first_seq"]), *left.last().unwrap() + 1);
+    assert_eq!(u64_of(&losses[0]["last_seq"]), 2000);
+    assert_eq!(
+        spool.stats().counters.lost.get("spool_full"),
+        Some(&dropped)
+    );
+}
+
+#[test]
+fn drop_newest_through_a_six_hour_outage_stays_within_the_cap() {
+    use crate::clock::{ClockSource, ManualClock};
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 256 << 10;
+    let spool = Spool::open(&settings(dir.path(), cap, FullPolicy::DropNewest)).unwrap();
+    let clock = ManualClock::new(1_800_000_000_000, 1_000, true);
+    spool.set_clock(clock.clone());
+    // Six hours of 5 readings/s with the link down, one commit per 10 s of samples.
+    let (step_ms, per_commit) = (10_000u64, 50u64);
+    let commits = 6 * 3600 * 1000 / step_ms;
+    let (mut high, mut dropped, mut stored_high) = (0, 0, 0);
+    for n in 0..commits {
+        let group: Vec<Intake> = (0..per_commit)
+            .map(|i| {
+                let mut r = reading("a", n * per_commit + i);
+                r.ts_ms = clock.now_ms();
+                Intake::reading(r)
+            })
+            .collect();
+        dropped += spool.commit(&group).unwrap().dropped;
+        clock.advance(step_ms);
+        stored_high = stored_high.max(spool.stats().bytes);
+        if n % 50 == 0 {
+            high = high.max(dir_size(dir.path()));
+        }
+    }
+    high = high.max(dir_size(dir.path()));
+    let written = commits * per_commit * 100;
+    eprintln!(
+        "cap {cap} B, offered {written} B in {commits} commits, stored high-water {stored_high} B, disk high-water {high} B"
+    );
+    assert!(dropped > commits * per_commit / 2);
+    assert!(
+        stored_high <= cap,
+        "stored {stored_high} B for a cap of {cap} B"
+    );
+    // The bound of the drop_oldest churn test.
+    assert!(
+        high <= 4 * cap + (2 << 20),
+        "disk use {high} B for a cap of {cap} B"
+    );
+    assert_eq!(
+        spool.stats().stream(LOSS_STREAM).map_or(0, |l| l.records),
+        0
+    );
+}
+
+#[test]
+fn failed_commits_are_reported_with_the_next_commit_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 30, FullPolicy::DropOldest);
+    {
+        let spool = Spool::open(&s).unwrap();
+        spool.commit(&intakes("a", 0..1)).unwrap();
+        let full = SpoolError::DiskFull {
+            free: 0,
+            reserve: 1,
+        };
+        spool.note_failed(&intakes("a", 1..4), &full);
+        spool.note_failed(&intakes("b", 0..2), &full);
+        assert_eq!(spool.stats().counters.lost.get("disk_full"), Some(&5));
+        // Killed before any commit succeeded: only the side file knows.
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let spool = Spool::open(&s).unwrap();
+    let stats = spool.stats();
+    assert_eq!(stats.counters.lost.get("disk_full"), Some(&5));
+    assert_eq!(stats.counters.collected, 6);
+    spool.commit(&intakes("a", 4..5)).unwrap();
+    let mut losses = loss_records(&spool);
+    losses.sort_by_key(|l| format!("{:?}", l["stream"]));
+    assert_eq!(losses.len(), 2, "{losses:?}");
+    assert_eq!(losses[0]["stream"], Value::Str("a".into()));
+    assert_eq!(losses[0]["count"], Value::U64(3));
+    assert_eq!(losses[1]["count"], Value::U64(2));
+    assert!(
+        losses
+            .iter()
+            .all(|l| l["reason"] == Value::Str("disk_full".into()))
+    );
+    // Reported once: reopening does not report or count them again.
+    drop(spool);
+    std::thread::sleep(Duration::from_millis(1100));
+    let spool = Spool::open(&s).unwrap();
+    spool.commit(&intakes("a", 5..6)).unwrap();
+    assert_eq!(loss_records(&spool).len(), 2);
+    let stats = spool.stats();
+    assert_eq!(stats.counters.lost.get("disk_full"), Some(&5));
+    assert_eq!(stats.counters.collected, 8);
 }
 
 #[test]
@@ -595,4 +709,195 @@ fn drop_oldest_evicts_down_to_nine_tenths_of_the_cap_then_waits() {
     // Room was made: the next commits fit without evicting again.
     let s = spool.commit(&intakes("a", i..i + 20)).unwrap();
     assert_eq!(s.evicted, 0);
+}
+
+/// Commits `n` chunks of 10 records of `stream` (one chunk per commit) from seq 1 on.
+fn commit_chunks(spool: &Spool, stream: &str, n: u64) {
+    for c in 0..n {
+        spool.commit(&intakes(stream, c * 10..c * 10 + 10)).unwrap();
+    }
+}
+
+/// Replaces the value of the `nth` stored chunk of `stream` (oldest first); returns its id and
+/// its seqs.
+fn spoil(spool: &Spool, stream: &str, nth: usize, f: impl Fn(&[u8]) -> Vec<u8>) -> (u64, Vec<u64>) {
+    let b = spool
+        .next_batch(&HashMap::new(), &ALL)
+        .unwrap()
+        .filter(|b| b.stream == stream)
+        .expect("the stream has chunks");
+    let c = &b.chunks[nth];
+    let key = keys::chunk(b.stream_id, c.chunk_id);
+    let old = spool.tree().get(key).unwrap().unwrap();
+    spool.tree().insert(key, f(&old)).unwrap();
+    (c.chunk_id, c.records.iter().map(|r| r.seq).collect())
+}
+
+/// Overwrites the header: not a chunk any more (same length, as a damaged value would be).
+fn garbage(v: &[u8]) -> Vec<u8> {
+    let mut v = v.to_vec();
+    v[..chunk::HEADER_LEN].fill(0xff);
+    v
+}
+
+/// Keeps the header, garbles the records.
+fn garbled(v: &[u8]) -> Vec<u8> {
+    let mut v = v.to_vec();
+    v[chunk::HEADER_LEN..].fill(0xff);
+    v
+}
+
+#[test]
+fn unreadable_chunks_are_moved_aside_and_reported_and_delivery_goes_on() {
+    for (damage, exact) in [(garbage as fn(&[u8]) -> Vec<u8>, false), (garbled, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(&dir.path().join("spool"), 1 << 30, FullPolicy::DropOldest);
+        let spool = Spool::open(&s).unwrap();
+        commit_chunks(&spool, "a", 5);
+        let (cid, bad) = spoil(&spool, "a", 2, damage);
+        assert_eq!(bad, (21..=30).collect::<Vec<_>>());
+        let delivered: Vec<u64> = drain(&spool)
+            .into_iter()
+            .filter(|(s, _)| s == "a")
+            .flat_map(|(_, v)| v)
+            .collect();
+        let expected: Vec<u64> = (1..=50).filter(|q| !bad.contains(q)).collect();
+        assert_eq!(delivered, expected);
+        let losses = loss_records(&spool);
+        assert_eq!(losses.len(), 1, "{losses:?}");
+        let l = &losses[0];
+        assert_eq!(l["reason"], Value::Str("spool_corrupt".into()));
+        assert_eq!(l["stream"], Value::Str("a".into()));
+        assert_eq!((u64_of(&l["first_seq"]), u64_of(&l["last_seq"])), (21, 30));
+        assert_eq!(u64_of(&l["count"]), 10);
+        assert_eq!(l.contains_key("range"), !exact, "{l:?}");
+        let export = badchunk::export_path(&s.dir, "a", cid);
+        assert_eq!(l["quarantined"], Value::Str(export.display().to_string()));
+        let spoiled = std::fs::read(&export).unwrap();
+        assert!(chunk::decode(&spoiled).is_err());
+        let stats = spool.stats();
+        assert_eq!(stats.stream("a").unwrap().records, 40);
+        assert_eq!(stats.counters.lost.get("spool_corrupt"), Some(&10));
+        // Counters stay exact: acking everything leaves an empty spool.
+        ack_all(&spool);
+        assert_eq!(spool.stats().records, 0);
+        assert_eq!(spool.stats().bytes, 0);
+    }
+}
+
+#[test]
+fn eviction_that_reaches_an_unreadable_chunk_moves_it_aside_and_commits_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(&dir.path().join("spool"), 16 << 10, FullPolicy::DropOldest);
+    let spool = Spool::open(&s).unwrap();
+    commit_chunks(&spool, "a", 3);
+    let (_, bad) = spoil(&spool, "a", 0, garbage);
+    for c in 3..40 {
+        spool
+            .commit(&intakes("a", c * 10..c * 10 + 10))
+            .expect("commits go on past an unreadable chunk");
+    }
+    let losses = loss_records(&spool);
+    let corrupt: Vec<_> = losses
+        .iter()
+        .filter(|l| l["reason"] == Value::Str("spool_corrupt".into()))
+        .collect();
+    assert_eq!(corrupt.len(), 1, "{losses:?}");
+    assert_eq!(u64_of(&corrupt[0]["first_seq"]), bad[0]);
+    assert_eq!(u64_of(&corrupt[0]["last_seq"]), *bad.last().unwrap());
+    assert_eq!(u64_of(&corrupt[0]["count"]), 10);
+    // Every other seq up to the first one left was evicted and reported as such.
+    let left = drain(&spool).into_iter().find(|(s, _)| s == "a").unwrap().1;
+    let mut covered: Vec<u64> = losses
+        .iter()
+        .flat_map(|l| u64_of(&l["first_seq"])..=u64_of(&l["last_seq"]))
+        .collect();
+    covered.sort();
+    assert_eq!(covered, (1..left[0]).collect::<Vec<_>>());
+    ack_all(&spool);
+    assert_eq!(spool.stats().records, 0);
+}
+
+#[test]
+fn clock_correction_works_in_batches_while_commits_go_on() {
+    correct_while_committing(64);
+}
+
+/// The same on 1 GiB: `cargo test --lib spool::tests::clock_correction_of_1_gib -- --ignored
+/// --nocapture` (docs/RELIABILITY.md has its figures).
+#[test]
+#[ignore = "writes 1 GiB (about 2 GiB of sled files); a soak, not a CI test"]
+fn clock_correction_of_1_gib_works_in_batches_while_commits_go_on() {
+    correct_while_committing(1024);
+}
+
+/// Fills a spool with `mb` MiB of unsynced records, then corrects the clock while another
+/// thread commits: commits must complete during the correction.
+fn correct_while_committing(mb: u64) {
+    use crate::clock::ManualClock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 1 << 40, FullPolicy::DropOldest);
+    s.chunk_max_bytes = 64 << 10;
+    s.chunk_max_records = 1000;
+    let spool = Spool::open(&s).unwrap();
+    let clock = ManualClock::new(10_000, 10_000, false);
+    spool.set_clock(clock.clone());
+    // Unsynced records in 64 KiB chunks.
+    let target = mb << 20;
+    let line = "x".repeat(4000);
+    let mut n = 0u64;
+    while spool.stats().bytes < target {
+        let group: Vec<Intake> = (0..256)
+            .map(|_| {
+                n += 1;
+                Intake::reading(Reading {
+                    stream: "big".into(),
+                    ts_ms: 10_000,
+                    body: Body::Line(line.clone()),
+                })
+            })
+            .collect();
+        spool.commit(&group).unwrap();
+    }
+    clock.advance(1_000);
+    clock.sync_to(1_800_000_000_000);
+    let correcting = AtomicBool::new(true);
+    let (corrected, commits_during) = std::thread::scope(|scope| {
+        let committer = scope.spawn(|| {
+            let mut during = 0u64;
+            let mut i = 0;
+            while correcting.load(Ordering::Acquire) {
+                spool.commit(&intakes("small", i..i + 5)).unwrap();
+                i += 5;
+                if correcting.load(Ordering::Acquire) {
+                    during += 1;
+                }
+            }
+            during
+        });
+        let started = std::time::Instant::now();
+        let corrected = spool.correct_clock().unwrap();
+        correcting.store(false, Ordering::Release);
+        eprintln!(
+            "corrected {corrected} records ({} MB) in {:?}",
+            target >> 20,
+            started.elapsed()
+        );
+        (corrected, committer.join().unwrap())
+    });
+    eprintln!("commits completed during the correction: {commits_during}");
+    assert_eq!(corrected, n);
+    assert!(
+        commits_during >= 3,
+        "only {commits_during} commits completed while the spool was corrected"
+    );
+    let mut unsynced = 0;
+    spool
+        .for_each_record("big", |r| {
+            unsynced += u64::from(!matches!(r.clock, crate::clock::ClockState::Corrected));
+            true
+        })
+        .unwrap();
+    assert_eq!(unsynced, 0);
 }

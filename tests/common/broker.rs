@@ -110,6 +110,15 @@ pub struct Broker {
     child: Option<Child>,
 }
 
+/// What the broker logs.
+#[derive(Clone, Copy)]
+enum Logging {
+    /// Every packet: the log explains a failed test.
+    Everything,
+    /// Everything but packets: see [`Broker::start_quiet`].
+    Quiet,
+}
+
 /// Why a start attempt failed.
 enum StartError {
     /// The broker could not bind a port; trying again (later, or elsewhere) may work.
@@ -120,6 +129,17 @@ enum StartError {
 impl Broker {
     /// Starts a broker on fresh ports and waits until every listener accepts.
     pub fn start(opts: BrokerOpts) -> Broker {
+        Self::start_with(opts, Logging::Everything, None)
+    }
+
+    /// A broker for benchmarks: the plain listener only (on `port` if given, e.g. one an agent
+    /// has been failing to reach), no persistence, and no per-packet (debug) logging: that
+    /// would cost the broker about as much as the traffic a benchmark measures.
+    pub fn start_quiet(port: Option<u16>) -> Broker {
+        Self::start_with(BrokerOpts::default(), Logging::Quiet, port)
+    }
+
+    fn start_with(opts: BrokerOpts, logging: Logging, port: Option<u16>) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("ferry-broker-")
             .tempdir()
@@ -143,14 +163,14 @@ impl Broker {
         };
         for attempt in 1..=BIND_ATTEMPTS {
             let ports = free_ports(if opts.secure.is_some() { 2 } else { 1 });
-            broker.plain_port = ports[0];
+            broker.plain_port = port.unwrap_or(ports[0]);
             broker.secure_port = ports.get(1).copied();
-            let config = broker.render_config(&opts);
+            let config = broker.render_config(&opts, logging);
             std::fs::write(broker.config_path(), config).expect("write mosquitto.conf");
             match broker.try_start() {
                 Ok(()) => return broker,
                 // Someone took a port between free_ports() and the broker's bind: pick others.
-                Err(StartError::AddressInUse) if attempt < BIND_ATTEMPTS => {}
+                Err(StartError::AddressInUse) if attempt < BIND_ATTEMPTS && port.is_none() => {}
                 Err(StartError::AddressInUse) => broker.fail("could not bind a free port"),
                 Err(StartError::Failed(why)) => broker.fail(&why),
             }
@@ -277,17 +297,28 @@ impl Broker {
             .collect()
     }
 
-    fn render_config(&self, opts: &BrokerOpts) -> String {
+    fn render_config(&self, opts: &BrokerOpts, logging: Logging) -> String {
         let dir = self.dir.path().display();
         let mut lines = vec![
             "# Written by tests/common/broker.rs".to_owned(),
             "user root".to_owned(),
             "per_listener_settings true".to_owned(),
             format!("log_dest file {dir}/mosquitto.log"),
-            "log_type all".to_owned(),
             "log_timestamp_format %Y-%m-%dT%H:%M:%S".to_owned(),
             "max_queued_messages 0".to_owned(),
         ];
+        match logging {
+            Logging::Everything => lines.push("log_type all".to_owned()),
+            Logging::Quiet => {
+                // "running" (readiness) is information, as are connects; packets are debug. No
+                // limit on messages in flight towards a subscriber either: the benchmark's
+                // counter must never be what limits a drain.
+                lines.extend(
+                    ["error", "warning", "notice", "information"].map(|t| format!("log_type {t}")),
+                );
+                lines.push("max_inflight_messages 0".to_owned());
+            }
+        }
         if opts.persistence {
             lines.push("persistence true".to_owned());
             lines.push(format!("persistence_location {dir}/data/"));

@@ -7,7 +7,9 @@
 //! socket reports the spool empty for those streams and the subscriber has every accepted seq
 //! (or the timeout passes), and stops it again. [`Drained`] then holds, per stream, the seqs
 //! that never arrived, duplicates, what is left in the spool, evictions and `ferry.loss`
-//! records; [`Drained::assert_nothing_lost`] fails the test on any of them.
+//! records; [`Drained::assert_nothing_lost`] fails the test on any of them. Duplicates are
+//! allowed, but every copy of a seq must carry the same record: the subscriber compares them
+//! as they arrive and the tally fails on a difference.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -50,6 +52,9 @@ pub struct Drained {
     pub completed: bool,
     /// `ferry.loss` records the subscriber received.
     pub loss_records: usize,
+    /// Later copies of a record the subscriber compared with the first copy of their seq (all
+    /// identical, or the tally would have panicked).
+    pub duplicates_compared: u64,
 }
 
 impl Drained {
@@ -153,6 +158,22 @@ pub async fn stop_and_drain(
     timeout: Duration,
 ) -> Drained {
     stop(agent);
+    drain_stopped(agent, cfg, sub, streams, timeout).await
+}
+
+/// [`stop_and_drain`] for an agent the test has already stopped (e.g. to look at what it did
+/// on a clean stop first).
+pub async fn drain_stopped(
+    agent: &mut Agent,
+    cfg: &AgentConfig,
+    sub: &Subscriber,
+    streams: &[String],
+    timeout: Duration,
+) -> Drained {
+    assert!(
+        !agent.is_running(),
+        "drain_stopped() on a running agent: use stop_and_drain()"
+    );
     let before = spool_stats(cfg);
     let accepted: Vec<(String, u64)> = streams
         .iter()
@@ -187,6 +208,13 @@ pub async fn stop_and_drain(
     stop(agent);
     write_config(agent.config_path(), cfg);
 
+    let conflicts = sub.conflicting_copies();
+    assert!(
+        conflicts.is_empty(),
+        "{} duplicate copies carry a different record than the first copy of their seq, e.g. {:?}",
+        conflicts.len(),
+        conflicts.first()
+    );
     let after = spool_stats(cfg);
     let tallies = accepted
         .into_iter()
@@ -215,6 +243,7 @@ pub async fn stop_and_drain(
         streams: tallies,
         completed: spool_empty && all_arrived,
         loss_records: sub.records("ferry.loss").len(),
+        duplicates_compared: sub.duplicates_compared(),
     }
 }
 
@@ -227,7 +256,8 @@ fn stop(agent: &mut Agent) {
     );
 }
 
-fn parse(cfg: &AgentConfig) -> ferry::config::Config {
+/// The agent config as ferry parses it (spool settings, status socket, ...).
+pub fn parse(cfg: &AgentConfig) -> ferry::config::Config {
     ferry::config::parse(&cfg.render(), &cfg.dir.join("ferry.yaml"))
         .unwrap_or_else(|e| panic!("the test config does not parse: {e}"))
 }

@@ -10,6 +10,8 @@
 //!   optional TLS / mTLS / password listener for the agent.
 //! - [`subscriber`]: an MQTT test client (rumqttc) that records everything it receives and
 //!   understands ferry's data and status messages.
+//! - [`counter`]: a subscriber that only counts distinct seqs, for drains too large to keep
+//!   (the benchmarks include this harness too).
 //! - [`agent`]: the real `ferry` binary as a child process, and its config builder.
 //! - [`drain`]: the end of a fault test: stop the agent, drain its spool, tally accepted seqs
 //!   against received ones.
@@ -25,6 +27,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod counter;
 pub mod drain;
 pub mod pki;
 pub mod ports;

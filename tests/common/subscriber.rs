@@ -12,9 +12,15 @@
 //! - status, retained, on `<prefix>/<device>/status`: `{"state":"online"|"offline", ..}`
 //!
 //! Duplicates are allowed by ferry's contract (same stream + seq), loss is not: tests check
-//! [`Subscriber::unique_seqs`] with [`assert_contiguous`] and may bound [`Subscriber::duplicates`].
+//! [`Subscriber::unique_seqs`] against what the spool accepted (`common::drain`) and may bound
+//! [`Subscriber::duplicates`]. Dedupe by (stream, seq) is only safe if every copy of a seq
+//! carries the same record, so the subscriber compares each copy, as decoded, with the first
+//! one as it arrives; every accessor of a stream's seqs or records panics once two copies of a
+//! seq differ, so any test that sees duplicates checks them. The one field left out is `boot`
+//! (decoded binary records repeat their message's boot id): it names the sending process, and
+//! a restarted agent resends what its predecessor left under its own.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -55,6 +61,57 @@ struct State {
     subacks: usize,
     session_present: bool,
     last_error: Option<String>,
+    /// The first copy of every data record, by (topic, seq), as decoded.
+    first_copies: HashMap<(String, u64), Value>,
+    /// Later copies compared with their first copy.
+    duplicates_compared: u64,
+    /// Copies that differ from their first copy: (topic, seq, first, later).
+    conflicts: Vec<(String, u64, Value, Value)>,
+}
+
+impl State {
+    /// Compares each record of a data message with the first copy of its seq.
+    fn compare_copies(&mut self, topic: &str, json: &Value) {
+        if !topic.contains("/data/") {
+            return;
+        }
+        let Some(records) = json.get("records").and_then(Value::as_array) else {
+            return;
+        };
+        for r in records {
+            let Some(seq) = r.get("seq").and_then(Value::as_u64) else {
+                continue;
+            };
+            // A decoded binary record repeats its message's boot id, which names the process
+            // that sent it (a restarted agent resends under its own); the record is the rest.
+            let mut r = r.clone();
+            if let Some(o) = r.as_object_mut() {
+                o.remove("boot");
+            }
+            match self.first_copies.get(&(topic.to_owned(), seq)) {
+                None => {
+                    self.first_copies.insert((topic.to_owned(), seq), r);
+                }
+                Some(first) => {
+                    self.duplicates_compared += 1;
+                    if *first != r {
+                        self.conflicts
+                            .push((topic.to_owned(), seq, first.clone(), r));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Panics if two copies of a seq carried different records.
+    fn assert_copies_identical(&self) {
+        if let Some((topic, seq, first, later)) = self.conflicts.first() {
+            panic!(
+                "{} duplicate copies differ from their first copy; the first on {topic}, seq {seq}:\n  first: {first}\n  later: {later}",
+                self.conflicts.len()
+            );
+        }
+    }
 }
 
 struct Shared {
@@ -173,14 +230,17 @@ impl Subscriber {
     /// Panics if a data message is not ferry's JSON.
     pub fn records(&self, stream: &str) -> Vec<Value> {
         let state = self.shared.lock();
+        state.assert_copies_identical();
         data_messages(&state.messages, stream)
             .flat_map(|(_, records)| records.iter().cloned())
             .collect()
     }
 
-    /// The `seq` of every record of `stream`, in arrival order (duplicates included).
+    /// The `seq` of every record of `stream`, in arrival order (duplicates included). Panics
+    /// if two copies of a seq differ (see the module docs).
     pub fn seqs(&self, stream: &str) -> Vec<u64> {
         let state = self.shared.lock();
+        state.assert_copies_identical();
         data_messages(&state.messages, stream)
             .flat_map(|(topic, records)| records.iter().map(move |r| seq_of(topic, r)))
             .collect()
@@ -210,6 +270,17 @@ impl Subscriber {
                     .unwrap_or_else(|| panic!("status on {} is not JSON: {:?}", m.topic, m.text()))
             })
             .collect()
+    }
+
+    /// Later copies of a data record compared with the first copy of their seq (all were
+    /// identical unless [`Subscriber::seqs`] panics).
+    pub fn duplicates_compared(&self) -> u64 {
+        self.shared.lock().duplicates_compared
+    }
+
+    /// Copies of a seq that differ from its first copy: (topic, seq, first, later).
+    pub fn conflicting_copies(&self) -> Vec<(String, u64, Value, Value)> {
+        self.shared.lock().conflicts.clone()
     }
 
     /// ConnAcks received so far (1 after start, +1 per reconnect).
@@ -267,6 +338,7 @@ impl Subscriber {
 
     fn has_seq(&self, stream: &str, seq: u64) -> bool {
         let state = self.shared.lock();
+        state.assert_copies_identical();
         data_messages(&state.messages, stream)
             .any(|(topic, records)| records.iter().any(|r| seq_of(topic, r) == seq))
     }
@@ -338,7 +410,12 @@ async fn run(mut eventloop: EventLoop, client: AsyncClient, filter: String, shar
                     payload: p.payload.to_vec(),
                     retain: p.retain,
                 };
-                shared.update(|s| s.messages.push(message));
+                shared.update(|s| {
+                    if let Some(json) = &message.json {
+                        s.compare_copies(&message.topic, json);
+                    }
+                    s.messages.push(message);
+                });
             }
             Ok(_) => {}
             Err(e) => {

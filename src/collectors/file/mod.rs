@@ -1,8 +1,9 @@
 //! The file collector, in one of two modes:
 //!
-//! - [`tail`]: follows one growing file like `tail -F` (application logs), parses each line
-//!   with the configured [`parse`](super::parse) format, and commits its position with the
-//!   lines read up to it, so a crash neither loses nor repeats a line.
+//! - [`tail`]: follows one growing file like `tail -F` (application logs), and a rotated one
+//!   until its writer is done with it; parses each line with the configured
+//!   [`parse`](super::parse) format, and commits its position with the lines read up to it,
+//!   so a crash neither loses nor repeats a line.
 //! - [`poll`]: reads small files every interval (sysfs sensors, 1-wire `w1_slave`), each
 //!   matched file one numeric field of one reading.
 //!
@@ -44,6 +45,12 @@ pub enum StartAt {
 /// Tail mode defaults.
 pub const DEFAULT_POLL_INTERVAL_MS: u64 = 250;
 pub const DEFAULT_BATCH_LINES: u64 = 500;
+/// How long a rotated file is read after it was last written to (like Fluent Bit's
+/// `Rotate_Wait`): covers an application that reopens its log a moment after the rename.
+pub const DEFAULT_ROTATE_WAIT_MS: u64 = 5_000;
+/// Longest accepted `rotate_wait_ms`: a writer that keeps a rotated file for longer than this
+/// is not reopening it on rotation at all.
+pub const MAX_ROTATE_WAIT_MS: u64 = 600_000;
 /// Poll mode default.
 pub const DEFAULT_INTERVAL_MS: u64 = 10_000;
 
@@ -72,6 +79,9 @@ pub struct FileConfig {
     pub max_line_bytes: Option<u64>,
     #[serde(default)]
     pub format: Option<FormatConfig>,
+    /// How long a rotated file must be idle before it is left (see [`tail`]).
+    #[serde(default)]
+    pub rotate_wait_ms: Option<u64>,
 
     // poll
     /// Glob patterns of the files to read (absolute).
@@ -98,6 +108,9 @@ impl FileConfig {
     }
     pub fn max_line_bytes(&self) -> u64 {
         self.max_line_bytes.unwrap_or(parse::DEFAULT_MAX_LINE_BYTES)
+    }
+    pub fn rotate_wait_ms(&self) -> u64 {
+        self.rotate_wait_ms.unwrap_or(DEFAULT_ROTATE_WAIT_MS)
     }
     pub fn interval_ms(&self) -> u64 {
         self.interval_ms.unwrap_or(DEFAULT_INTERVAL_MS)
@@ -144,6 +157,7 @@ impl CollectorSpec for FileConfig {
                 not_here("batch_lines", self.batch_lines.is_some(), "tail");
                 not_here("max_line_bytes", self.max_line_bytes.is_some(), "tail");
                 not_here("format", self.format.is_some(), "tail");
+                not_here("rotate_wait_ms", self.rotate_wait_ms.is_some(), "tail");
             }
         }
         match self.mode {
@@ -171,6 +185,13 @@ impl CollectorSpec for FileConfig {
                     60_000,
                 );
                 range(&mut issues, "batch_lines", self.batch_lines, 1, 100_000);
+                range(
+                    &mut issues,
+                    "rotate_wait_ms",
+                    self.rotate_wait_ms,
+                    0,
+                    MAX_ROTATE_WAIT_MS,
+                );
                 range(
                     &mut issues,
                     "max_line_bytes",
@@ -334,6 +355,15 @@ mod tests {
         assert_eq!(
             issues("name: log\npath: /x\nformat: {type: regex, pattern: '('}\n"),
             vec!["format.pattern: does not compile: unclosed group"]
+        );
+        assert_eq!(
+            issues("name: log\npath: /x\nrotate_wait_ms: 600001\n"),
+            vec!["rotate_wait_ms: must be between 0 and 600000, got 600001"]
+        );
+        assert!(issues("name: log\npath: /x\nrotate_wait_ms: 0\n").is_empty());
+        assert_eq!(
+            issues("name: t\nmode: poll\npaths: ['/x']\nrotate_wait_ms: 10\n"),
+            vec!["rotate_wait_ms: is only used with mode: tail"]
         );
         assert_eq!(
             issues("name: t\nmode: poll\n"),
