@@ -39,6 +39,7 @@ pub mod collectors;
 pub mod command_link;
 pub mod commands;
 pub mod config;
+pub mod consume;
 pub mod control;
 pub mod heartbeat;
 pub mod issue;

@@ -68,8 +68,59 @@ enum Command {
     #[command(name = "__probe-spool", hide = true)]
     ProbeSpool { dir: PathBuf },
     /// Turn ferry data messages (any encoding, docs/WIRE.md) back into JSON lines, one per
-    /// record: each FILE holds one message payload; standard input when none is given.
+    /// record. Each FILE (standard input when none is given) holds one binary payload, JSON
+    /// payloads one after the other, or hex payloads one per line (`mosquitto_sub -F '%x'`).
     Decode { files: Vec<PathBuf> },
+    /// Subscribe to a fleet's data, drop duplicates, report gaps and print one line per record
+    /// (docs/CONSUMING.md).
+    Consume(Box<ConsumeArgs>),
+}
+
+#[derive(clap::Args)]
+struct ConsumeArgs {
+    /// The broker, HOST:PORT.
+    #[arg(long)]
+    broker: String,
+    /// Dedupe state; consumers of one share group give the same directory (one host).
+    #[arg(long)]
+    state: PathBuf,
+    /// Share the subscription with the other consumers of GROUP ($share/GROUP/...).
+    #[arg(long)]
+    share: Option<String>,
+    #[arg(long, value_enum, default_value = "jsonl")]
+    format: OutputFormat,
+    #[arg(long, default_value = "ferry")]
+    topic_prefix: String,
+    /// MQTT client id; stable across restarts (the broker keeps the session under it).
+    /// Default: ferry-consume-HOSTNAME, plus -GROUP with --share.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Report a hole in the seqs not covered by a loss report after this long.
+    #[arg(long, default_value_t = 600_000)]
+    gap_timeout_ms: u64,
+    /// TLS: verify the broker against this CA file.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// mTLS: client certificate (needs --key-file and --ca-file).
+    #[arg(long, requires_all = ["key_file", "ca_file"])]
+    cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the password (first line).
+    #[arg(long, requires = "username")]
+    password_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 30)]
+    keepalive_s: u64,
+    #[arg(long, default_value_t = 4 << 20)]
+    max_packet_bytes: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Jsonl,
+    Influx,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +168,7 @@ fn main() -> ExitCode {
         } => status(config, socket, json),
         Command::Spool { command } => spool(command),
         Command::Decode { files } => decode(&files),
+        Command::Consume(args) => consume(*args),
     }
 }
 
@@ -137,30 +189,87 @@ fn decode(files: &[PathBuf]) -> ExitCode {
     let mut out = std::io::stdout().lock();
     let mut code = ExitCode::SUCCESS;
     for (name, data) in inputs {
-        let message = match data {
-            Ok(d) => ferry::wire::decode(&d),
+        let data = match data {
+            Ok(d) => d,
             Err(e) => {
                 eprintln!("error: cannot read {name}: {e}");
                 code = ExitCode::FAILURE;
                 continue;
             }
         };
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("error: {name} is not a ferry message: {e}");
-                code = ExitCode::from(EXIT_DATA);
-                continue;
-            }
-        };
-        for r in &message.records {
-            let line = ferry::wire::json_line(&message, r);
-            if writeln!(out, "{line}").is_err() {
-                return code;
+        for (at, payload) in ferry::wire::stream::payloads(&data) {
+            let message = match payload.and_then(|p| ferry::wire::decode(&p)) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("error: {name} ({at}) is not a ferry message: {e}");
+                    code = ExitCode::from(EXIT_DATA);
+                    continue;
+                }
+            };
+            for r in &message.records {
+                let line = ferry::wire::json_line(&message, r);
+                if writeln!(out, "{line}").is_err() {
+                    return code;
+                }
             }
         }
     }
     code
+}
+
+/// sysexits' EX_USAGE.
+const EXIT_USAGE: u8 = 64;
+
+fn consume(a: ConsumeArgs) -> ExitCode {
+    let _log = lifecycle::logging::init();
+    let Some((host, port)) = a
+        .broker
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+    else {
+        eprintln!("error: --broker {:?} is not HOST:PORT", a.broker);
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let client_id = a.client_id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let mut id = format!("ferry-consume-{}", host.trim());
+        if let Some(g) = &a.share {
+            id += &format!("-{g}");
+        }
+        id
+    });
+    let settings = ferry::consume::ConsumeSettings {
+        session: ferry::consume::session::SessionSettings {
+            host,
+            port,
+            client_id,
+            share: a.share,
+            topic_prefix: a.topic_prefix,
+            ca_file: a.ca_file,
+            client_cert: a.cert_file.zip(a.key_file),
+            username: a.username,
+            password_file: a.password_file,
+            keepalive: std::time::Duration::from_secs(a.keepalive_s.max(1)),
+            connect_timeout: std::time::Duration::from_secs(30),
+            max_packet_bytes: a.max_packet_bytes,
+        },
+        state_dir: a.state,
+        format: match a.format {
+            OutputFormat::Jsonl => ferry::consume::Format::Jsonl,
+            OutputFormat::Influx => ferry::consume::Format::Influx,
+        },
+        gap_timeout: std::time::Duration::from_millis(a.gap_timeout_ms),
+        backoff_initial: std::time::Duration::from_millis(500),
+        backoff_max: std::time::Duration::from_secs(30),
+    };
+    let result = ferry::consume::run_until_signal(settings);
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn config_error(e: &config::ConfigError) -> ExitCode {

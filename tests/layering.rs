@@ -40,6 +40,8 @@ const TABLE: &[(&str, Kind, &[&str])] = &[
     ("collectors", Layer, &["spool"]),
     ("uplink", Layer, &["spool", "wire"]),
     ("commands", Layer, &["spool"]),
+    // The receiving side (`ferry consume`): decodes what the uplink sent, nothing of the agent.
+    ("consume", Layer, &["wire"]),
     // Every module owns its settings type; config assembles and validates them.
     (
         "config",
@@ -49,7 +51,11 @@ const TABLE: &[(&str, Kind, &[&str])] = &[
     ("lifecycle", Layer, &["*"]),
     // The CLI: `run` goes through the lifecycle; `validate`, `spool inspect|export` and
     // `decode` are offline tools over config, spool and wire.
-    ("main", Layer, &["lifecycle", "config", "spool", "wire"]),
+    (
+        "main",
+        Layer,
+        &["lifecycle", "config", "spool", "wire", "consume"],
+    ),
 ];
 
 /// One path from a file of one top-level module into another.

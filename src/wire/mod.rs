@@ -20,6 +20,7 @@
 pub mod columnar;
 pub mod payload;
 pub mod rowjson;
+pub mod stream;
 
 use crate::record::ChunkData;
 use crate::record::Record;
