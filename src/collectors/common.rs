@@ -113,6 +113,14 @@ pub enum LossReason {
     Malformed,
     /// The line was longer than `max_line_bytes`; it was cut off and dropped.
     Oversized,
+    /// A program exited non-zero or by a signal, or could not be started (exec).
+    Failed,
+    /// A program or a device did not answer in time (exec, modbus).
+    Timeout,
+    /// Output past a size cap was discarded (exec `max_output_bytes`).
+    Truncated,
+    /// A scheduled sample was skipped because the previous one was still running (exec).
+    Skipped,
 }
 
 impl LossReason {
@@ -120,6 +128,10 @@ impl LossReason {
         match self {
             LossReason::Malformed => "malformed",
             LossReason::Oversized => "oversized",
+            LossReason::Failed => "failed",
+            LossReason::Timeout => "timeout",
+            LossReason::Truncated => "truncated",
+            LossReason::Skipped => "skipped",
         }
     }
 }
