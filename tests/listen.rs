@@ -209,3 +209,66 @@ async fn the_python_client_of_the_docs_gets_its_lines_confirmed_and_delivered() 
     );
     assert_eq!(sub.records("app")[2]["fields"]["rssi"], -69);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_under_drop_newest_answers_retry_instead_of_dropping_silently() {
+    // No broker: nothing drains, so the 64 KiB spool fills up.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("push.sock");
+    let mut cfg = AgentConfig::new(dir.path(), common::ports::free_port());
+    cfg.max_bytes = 64 << 10;
+    cfg.full_policy = common::agent::FullPolicy::DropNewest;
+    cfg.collectors = vec![listen_config(&socket)];
+    let agent = Agent::spawn(dir.path(), &cfg.render());
+    assert!(
+        agent
+            .wait_for_log("Listening for pushed readings.", WAIT)
+            .await,
+        "{}",
+        agent.log()
+    );
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let pad = "x".repeat(500);
+        let (mut confirmed, mut n) = (0u64, 0u64);
+        // 2.5 MB of lines is far more than the 64 KiB spool holds.
+        while n < 5_000 {
+            let text: String = (n..n + 10)
+                .map(|i| format!("{{\"n\": {i}, \"pad\": \"{pad}\"}}\n"))
+                .collect();
+            n += 10;
+            stream.write_all(text.as_bytes()).unwrap();
+            let mut answered = 0;
+            while answered < 10 {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let mut parts = line.split_whitespace();
+                let (word, count) = (parts.next().unwrap(), parts.next().unwrap());
+                let count: u64 = count.parse().unwrap();
+                if word != "ok" {
+                    return (line, confirmed);
+                }
+                answered += count;
+                confirmed += count;
+            }
+        }
+        (String::from("never refused"), confirmed)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answer.0.trim_end(),
+        "retry 10 not stored: spool full or failing",
+        "after {} confirmed lines\n{}",
+        answer.1,
+        agent.log()
+    );
+    assert!(
+        answer.1 > 0,
+        "nothing was confirmed before the spool filled"
+    );
+}
