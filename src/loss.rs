@@ -21,6 +21,14 @@ pub enum LossReason {
     Malformed,
     /// The line was longer than `max_line_bytes`; it was cut off and dropped.
     Oversized,
+    /// A program exited non-zero or by a signal, or could not be started (exec).
+    Failed,
+    /// A program or a device did not answer in time (exec).
+    Timeout,
+    /// Output past a size cap was discarded (exec `max_output_bytes`).
+    Truncated,
+    /// A scheduled sample was skipped because the previous one was still running (exec).
+    Skipped,
     /// Stored records evicted to make room (`drop_oldest`).
     Evicted,
     /// New records not stored for lack of room (`drop_newest`).
@@ -39,9 +47,13 @@ pub enum LossReason {
 }
 
 impl LossReason {
-    pub const ALL: [LossReason; 9] = [
+    pub const ALL: [LossReason; 13] = [
         LossReason::Malformed,
         LossReason::Oversized,
+        LossReason::Failed,
+        LossReason::Timeout,
+        LossReason::Truncated,
+        LossReason::Skipped,
         LossReason::Evicted,
         LossReason::SpoolFull,
         LossReason::DiskFull,
@@ -55,6 +67,10 @@ impl LossReason {
         match self {
             LossReason::Malformed => "malformed",
             LossReason::Oversized => "oversized",
+            LossReason::Failed => "failed",
+            LossReason::Timeout => "timeout",
+            LossReason::Truncated => "truncated",
+            LossReason::Skipped => "skipped",
             LossReason::Evicted => "evicted",
             LossReason::SpoolFull => "spool_full",
             LossReason::DiskFull => "disk_full",

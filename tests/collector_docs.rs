@@ -57,6 +57,8 @@ fn every_collector_example_in_the_docs_is_valid() {
                             ferry::collectors::file::FileMode::Tail => "file/tail",
                             ferry::collectors::file::FileMode::Poll => "file/poll",
                         },
+                        ferry::collectors::CollectorConfig::Exec(_) => "exec",
+                        ferry::collectors::CollectorConfig::Listen(_) => "listen",
                     };
                     kinds.push(kind);
                 }
@@ -65,7 +67,14 @@ fn every_collector_example_in_the_docs_is_valid() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    for kind in ["system", "serial", "file/tail", "file/poll"] {
+    for kind in [
+        "system",
+        "serial",
+        "file/tail",
+        "file/poll",
+        "exec",
+        "listen",
+    ] {
         assert!(kinds.contains(&kind), "no example of {kind}");
     }
 }

@@ -1,9 +1,11 @@
 //! Collectors: plugins that sample something and hand readings to the spool.
 //!
 //! Kinds: [`system`] (host metrics), [`serial`] (lines from a serial port), [`file`] (tail a
-//! file, or poll small files). Serial and file share [`lines`] (framing with a line-length
-//! cap) and [`parse`] (raw, json, kv, csv, regex); every kind shares [`common`] (static tags,
-//! loss reports for unusable input). docs/COLLECTORS.md documents every option.
+//! file, or poll small files), [`exec`] (a program's output, periodically), [`listen`] (lines
+//! pushed by local applications, confirmed once durable). Serial, file and
+//! exec share [`lines`] (framing with a line-length cap) and [`parse`] (raw, json, kv, csv,
+//! regex, influx); every kind shares [`common`] (static tags, loss reports for unusable
+//! input). docs/COLLECTORS.md documents every option.
 //!
 //! Each collector kind lives in its own file and implements [`Collector`]. Its only dependency
 //! is its [`CollectorContext`]: its name (which becomes the stream name), a sender into the
@@ -23,8 +25,10 @@
 
 pub mod common;
 pub mod deadband;
+pub mod exec;
 pub mod file;
 pub mod lines;
+pub mod listen;
 pub mod parse;
 pub mod serial;
 pub mod supervisor;
@@ -245,6 +249,8 @@ collector_kinds! {
     "system" => System(system::SystemConfig),
     "serial" => Serial(serial::SerialConfig),
     "file" => File(file::FileConfig),
+    "exec" => Exec(exec::ExecConfig),
+    "listen" => Listen(listen::ListenConfig),
 }
 
 impl CollectorConfig {
@@ -375,6 +381,8 @@ mod tests {
             "type: serial\nname: s\npath: /dev/ttyUSB0\n",
             "type: file\nname: s\npath: /var/log/a.log\n",
             "type: file\nname: s\nmode: poll\npaths: [/sys/x]\n",
+            "type: exec\nname: s\ncommand: /bin/true\n",
+            "type: listen\nname: s\nsocket: /run/ferry/push.sock\n",
         ] {
             let yaml = format!("{kind}deadband: {{default: -1, heartbeat: 0}}\n");
             let c = CollectorConfig::from_yaml(serde_yaml::from_str(&yaml).unwrap()).unwrap();

@@ -1,5 +1,5 @@
-//! Line formats shared by the serial and file collectors: `raw`, `json`, `kv`, `csv`,
-//! `regex`.
+//! Line formats shared by the serial, file, exec and listen collectors: `raw`, `json`, `kv`,
+//! `csv`, `regex`, `influx` (InfluxDB line protocol).
 //!
 //! A [`Parser`] turns one line (bytes, without its delimiter) into a [`Body`] or a
 //! [`Malformed`] error. Invariants:
@@ -23,6 +23,12 @@
 //!   is malformed. An empty value leaves its field out, except for `string` columns.
 //! - `regex`: the pattern must match (it is not anchored unless you write `^...$`); each named
 //!   group that took part becomes a field typed by `types` (default `auto`).
+//! - `influx`: one InfluxDB line-protocol point per line,
+//!   `measurement[,tag=v...] field=v[,field=v...] [timestamp]`. The measurement becomes field
+//!   `measurement`, each tag a string field `tag.<key>`, each field keeps its type (`1i` i64,
+//!   `1u` u64, `1.5` f64, `"s"` string, `t`/`true`/`f`/`false` bool), a timestamp (ns)
+//!   becomes field `timestamp_ns`. Backslash escapes of `,`, ` `, `=` (keys) and `"`, `\\`
+//!   (string values) are honoured. A line without a field is malformed.
 //! - A value that does not convert to its configured type makes the whole line malformed.
 //!
 //! [`LineDecoder`] puts framing, parsing, tags and the loss tally together for one collector.
@@ -60,6 +66,8 @@ pub enum FormatKind {
     Kv,
     Csv,
     Regex,
+    /// InfluxDB line protocol.
+    Influx,
 }
 
 impl FormatKind {
@@ -70,6 +78,7 @@ impl FormatKind {
             FormatKind::Kv => "kv",
             FormatKind::Csv => "csv",
             FormatKind::Regex => "regex",
+            FormatKind::Influx => "influx",
         }
     }
 }
@@ -145,6 +154,7 @@ enum Kind {
         /// Named groups: (group index, name, type).
         groups: Vec<(usize, String, FieldType)>,
     },
+    Influx,
 }
 
 impl Parser {
@@ -180,6 +190,7 @@ impl Parser {
             FormatKind::Kv => Some(Kind::Kv { types }),
             FormatKind::Csv => csv_kind(config, &mut issues),
             FormatKind::Regex => regex_kind(config, types, &mut issues),
+            FormatKind::Influx => Some(Kind::Influx),
         };
         match parsed {
             Some(kind) if issues.is_empty() => Ok(Parser { kind }),
@@ -196,6 +207,7 @@ impl Parser {
             Kind::Kv { types } => parse_kv(text, types),
             Kind::Csv { columns, delimiter } => parse_csv(text, columns, *delimiter),
             Kind::Regex { re, groups } => parse_regex(text, re, groups),
+            Kind::Influx => parse_influx(text),
         }
     }
 }
@@ -478,6 +490,136 @@ fn parse_regex(
     Ok(Body::Fields(fields))
 }
 
+/// Splits `text` at unescaped `sep` outside double quotes (quotes only count when `quotes`).
+fn split_unescaped(text: &str, sep: char, quotes: bool) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut escaped, mut quoted) = (0, false, false);
+    for (i, c) in text.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if quotes && c == '"' {
+            quoted = !quoted;
+        } else if c == sep && !quoted {
+            parts.push(&text[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// Removes the backslashes of a line-protocol key (measurement, tag, field name).
+fn unescape_key(key: &str) -> Result<String, Malformed> {
+    if key.is_empty() {
+        return Err(malformed("an empty name"));
+    }
+    let mut out = String::with_capacity(key.len());
+    let mut chars = key.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ (',' | ' ' | '=' | '\\' | '"')) => out.push(e),
+                Some(e) => {
+                    out.push('\\');
+                    out.push(e);
+                }
+                None => out.push('\\'),
+            },
+            _ => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// One line-protocol field value.
+fn influx_value(raw: &str) -> Result<Value, Malformed> {
+    let bad = || malformed(format!("{raw:?} is not a line-protocol value"));
+    if let Some(inner) = raw.strip_prefix('"') {
+        let inner = inner.strip_suffix('"').ok_or_else(bad)?;
+        let mut out = String::with_capacity(inner.len());
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            match (c, chars.clone().next()) {
+                ('\\', Some(e @ ('"' | '\\'))) => {
+                    out.push(e);
+                    chars.next();
+                }
+                ('"', _) => return Err(bad()),
+                _ => out.push(c),
+            }
+        }
+        return Ok(Value::Str(out));
+    }
+    match raw {
+        "t" | "T" | "true" | "True" | "TRUE" => return Ok(Value::Bool(true)),
+        "f" | "F" | "false" | "False" | "FALSE" => return Ok(Value::Bool(false)),
+        _ => {}
+    }
+    if let Some(n) = raw.strip_suffix('i') {
+        return n.parse::<i64>().map(Value::I64).map_err(|_| bad());
+    }
+    if let Some(n) = raw.strip_suffix('u') {
+        return n.parse::<u64>().map(Value::U64).map_err(|_| bad());
+    }
+    float(raw).ok_or_else(bad)
+}
+
+fn parse_influx(text: &str) -> Result<Body, Malformed> {
+    let text = text.trim_end();
+    if text.starts_with('#') || text.is_empty() {
+        return Err(malformed("a comment or an empty line, not a point"));
+    }
+    let sections = split_unescaped(text, ' ', true);
+    let sections: Vec<&str> = sections.into_iter().filter(|s| !s.is_empty()).collect();
+    let (series, field_set, time) = match sections.as_slice() {
+        [series, fields] => (*series, *fields, None),
+        [series, fields, time] => (*series, *fields, Some(*time)),
+        _ => {
+            return Err(malformed(
+                "expected `measurement[,tags] fields [timestamp]`",
+            ));
+        }
+    };
+    let mut keys = split_unescaped(series, ',', false).into_iter();
+    let measurement = unescape_key(keys.next().unwrap_or_default())?;
+    let mut fields = vec![("measurement".to_string(), Value::Str(measurement))];
+    for tag in keys {
+        let [k, v] = split_unescaped(tag, '=', false)[..] else {
+            return Err(malformed(format!("tag {tag:?} is not key=value")));
+        };
+        fields.push((
+            format!("tag.{}", unescape_key(k)?),
+            Value::Str(unescape_key(v)?),
+        ));
+    }
+    let tag_count = fields.len();
+    for field in split_unescaped(field_set, ',', true) {
+        let Some((k, v)) = split_unescaped(field, '=', true)
+            .first()
+            .map(|k| (*k, &field[k.len()..]))
+            .and_then(|(k, rest)| rest.strip_prefix('=').map(|v| (k, v)))
+        else {
+            return Err(malformed(format!("field {field:?} is not key=value")));
+        };
+        if fields.len() >= MAX_FIELDS {
+            return Err(malformed(format!("more than {MAX_FIELDS} fields")));
+        }
+        fields.push((unescape_key(k)?, influx_value(v)?));
+    }
+    if fields.len() == tag_count {
+        return Err(malformed("no field"));
+    }
+    if let Some(t) = time {
+        let ns = t
+            .parse::<i64>()
+            .map_err(|_| malformed(format!("timestamp {t:?} is not an integer")))?;
+        fields.push(("timestamp_ns".to_string(), Value::I64(ns)));
+    }
+    Ok(Body::Fields(fields))
+}
+
 /// Framed lines -> readings for one collector: parse, tag, count what is unusable.
 #[derive(Debug)]
 pub struct LineDecoder {
@@ -537,6 +679,44 @@ impl LineDecoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn influx_line_protocol_keeps_types_tags_and_escapes() {
+        let p = parser("type: influx\n");
+        let f = fields(
+            p.parse(br#"modem,iface=wwan0,op=My\ Telco rssi=-71i,snr=9.5,up=true,n=3u,note="a \"b\", c=d" 1700000000000000000"#)
+                .unwrap(),
+        );
+        assert_eq!(
+            f,
+            vec![
+                ("measurement".into(), Value::Str("modem".into())),
+                ("tag.iface".into(), Value::Str("wwan0".into())),
+                ("tag.op".into(), Value::Str("My Telco".into())),
+                ("rssi".into(), Value::I64(-71)),
+                ("snr".into(), Value::F64(9.5)),
+                ("up".into(), Value::Bool(true)),
+                ("n".into(), Value::U64(3)),
+                ("note".into(), Value::Str(r#"a "b", c=d"#.into())),
+                ("timestamp_ns".into(), Value::I64(1_700_000_000_000_000_000)),
+            ]
+        );
+        let f = fields(p.parse(b"m v=1").unwrap());
+        assert_eq!(f[1], ("v".into(), Value::F64(1.0)));
+        for bad in [
+            "m",
+            "m,t v=1",
+            "m v=",
+            "m v=1x",
+            "m v=\"open",
+            "m v=1 notatime",
+            "# comment",
+            "m v=1 2 3",
+            ",t=1 v=1",
+        ] {
+            assert!(p.parse(bad.as_bytes()).is_err(), "{bad:?} parsed");
+        }
+    }
 
     fn parser(yaml: &str) -> Parser {
         Parser::new(&serde_yaml::from_str(yaml).unwrap()).unwrap()
@@ -780,6 +960,7 @@ mod tests {
             parser(
                 "type: regex\npattern: '(?P<a>[0-9]+)?(?P<b>.*)=(?P<c>\\S*)'\ntypes: {a: int, c: float}",
             ),
+            parser("type: influx"),
         ]
     }
 
@@ -794,7 +975,7 @@ mod tests {
         }
 
         #[test]
-        fn near_valid_text_never_panics_any_parser(s in "[0-9a-z=,;.{}\\[\\]\":+eE -]{0,200}") {
+        fn near_valid_text_never_panics_any_parser(s in "[0-9a-z=,;.{}\\[\\]\":+eE\\\\ -]{0,200}") {
             for p in all_parsers() {
                 let _ = p.parse(s.as_bytes());
             }

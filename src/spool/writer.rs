@@ -5,6 +5,11 @@
 //! blocking pool (one sled batch, then a flush). While a commit runs the intake channel fills
 //! up and collectors wait on `send`: back-pressure instead of unbounded memory.
 //!
+//! A receipt ([`Intake::committed`]) says `true` only if its group was committed with every
+//! reading stored: under `drop_newest` a full spool drops new readings, and then every intake
+//! of that group hears `false`, so a sender that resends unconfirmed data may duplicate but
+//! never loses.
+//!
 //! It ends when every sender is gone (all collectors stopped) and the channel is drained, so
 //! at shutdown whatever collectors handed over is committed before the spool is flushed.
 
@@ -63,7 +68,7 @@ pub async fn run(
         .await;
         match result {
             Ok((r, group)) => {
-                let ok = r.is_ok();
+                let ok = r.as_ref().is_ok_and(|s| s.dropped == 0);
                 match r {
                     Ok(summary) => {
                         if disk_full {
