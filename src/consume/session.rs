@@ -12,8 +12,8 @@
 //!   in its own task and forwards what matters over a bounded channel; when it fails the epoch
 //!   ends and everything unacknowledged is redelivered by the broker in the next one. A publish
 //!   is acknowledged only through the client of the epoch that received it.
-//! - TLS reuses the agent's loaders (`uplink::tls`): rustls with ring, the CA file, an optional
-//!   client certificate (mTLS); the files are read again at every epoch.
+//! - TLS reuses the agent's loader (`crate::tls::client_config`): rustls with ring, the CA
+//!   file, an optional client certificate (mTLS); the files are read again at every epoch.
 
 use crate::tls;
 use rumqttc::{
