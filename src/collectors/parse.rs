@@ -157,6 +157,18 @@ enum Kind {
     Influx,
 }
 
+/// The problems of a collector's `format` key, with paths under `format.`: what every
+/// line-based collector kind adds to its own checks.
+pub fn format_issues(config: &FormatConfig) -> Vec<Issue> {
+    match Parser::new(config) {
+        Ok(_) => Vec::new(),
+        Err(found) => found
+            .into_iter()
+            .map(|i| Issue::new(format!("format.{}", i.path), i.message))
+            .collect(),
+    }
+}
+
 impl Parser {
     /// Checks and compiles `config`. Issue paths are relative to the `format` key.
     pub fn new(config: &FormatConfig) -> Result<Parser, Vec<Issue>> {

@@ -159,13 +159,7 @@ impl CollectorSpec for SerialConfig {
                 ),
             ));
         }
-        if let Err(format_issues) = Parser::new(&self.format) {
-            issues.extend(
-                format_issues
-                    .into_iter()
-                    .map(|i| Issue::new(format!("format.{}", i.path), i.message)),
-            );
-        }
+        issues.extend(parse::format_issues(&self.format));
         issues
     }
 

@@ -14,7 +14,7 @@ pub mod poll;
 pub mod tail;
 
 use super::common::{Tags, validate_tags};
-use super::parse::{self, FormatConfig, Parser};
+use super::parse::{self, FormatConfig};
 use super::{Collector, CollectorContext, CollectorError, CollectorSpec, RunFuture};
 use crate::issue::Issue;
 use serde::Deserialize;
@@ -199,13 +199,9 @@ impl CollectorSpec for FileConfig {
                     16,
                     parse::MAX_MAX_LINE_BYTES,
                 );
-                if let Err(format_issues) = Parser::new(&self.format.clone().unwrap_or_default()) {
-                    issues.extend(
-                        format_issues
-                            .into_iter()
-                            .map(|i| Issue::new(format!("format.{}", i.path), i.message)),
-                    );
-                }
+                issues.extend(parse::format_issues(
+                    &self.format.clone().unwrap_or_default(),
+                ));
             }
             FileMode::Poll => {
                 match &self.paths {
