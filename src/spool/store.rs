@@ -35,6 +35,11 @@ const CORRECT_BATCH_CHUNKS: usize = 64;
 /// How long `open` waits for sled's file lock before reporting that another process holds it.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Each stream's next seq, by stream id.
+fn next_seqs(metas: &BTreeMap<u32, StreamMeta>) -> BTreeMap<u32, u64> {
+    metas.iter().map(|(id, m)| (*id, m.next_seq)).collect()
+}
+
 fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
@@ -93,6 +98,9 @@ struct State {
     /// as committed and lost. `reported_gen` is the commit it came from, `applied_gen` the
     /// latest applied one (commits may finish their sync out of order).
     reported: Counters,
+    /// Each stream's next seq as of that same synced commit: `stats` reports these, so a seq
+    /// shows as taken only once the record holding it is on stable storage.
+    reported_next: BTreeMap<u32, u64>,
     reported_gen: u64,
     applied_gen: u64,
     /// The durable seq reservation; raised before a commit persists a seq at or above it.
@@ -111,10 +119,11 @@ struct State {
 impl State {
     /// The commit of `generation`, whose counters are `counters`, is on stable storage: report
     /// them, unless a later commit's sync finished first.
-    fn synced(&mut self, generation: u64, counters: Counters) {
+    fn synced(&mut self, generation: u64, counters: Counters, next: BTreeMap<u32, u64>) {
         if generation > self.reported_gen {
             self.reported_gen = generation;
             self.reported = counters;
+            self.reported_next = next;
         }
     }
 
@@ -471,6 +480,7 @@ impl Spool {
                 log,
                 state: Mutex::new(State {
                     reported: counters.clone(),
+                    reported_next: next_seqs(&metas),
                     reported_gen: 0,
                     applied_gen: 0,
                     counters,
@@ -749,13 +759,14 @@ impl Spool {
         state.pending = pending;
         state.applied_gen += 1;
         let generation = state.applied_gen;
+        let next = next_seqs(&state.metas);
         let readable = global.next_chunk_id;
         drop(state);
 
         self.sync()?;
         {
             let mut state = self.lock();
-            state.synced(generation, counters);
+            state.synced(generation, counters, next);
             if !failures.is_empty() {
                 state.failures.reported(&failures, failures_collected);
             }
@@ -1218,9 +1229,10 @@ impl Spool {
         state.counters = counters.clone();
         state.applied_gen += 1;
         let generation = state.applied_gen;
+        let next = next_seqs(&state.metas);
         drop(state);
         self.sync()?;
-        self.lock().synced(generation, counters);
+        self.lock().synced(generation, counters, next);
         let readable = global.next_chunk_id;
         self.inner
             .readable_below
@@ -1290,12 +1302,14 @@ impl Spool {
 
     pub fn stats(&self) -> SpoolStats {
         let state = self.lock();
+        // A stream whose first commit is not yet synced is not shown.
         let streams: Vec<StreamStats> = state
             .metas
-            .values()
-            .map(|m| StreamStats {
+            .iter()
+            .filter_map(|(id, m)| Some((m, *state.reported_next.get(id)?)))
+            .map(|(m, next_seq)| StreamStats {
                 name: m.name.clone(),
-                next_seq: m.next_seq,
+                next_seq,
                 records: m.records,
                 bytes: m.bytes,
                 chunks: m.chunks,
