@@ -707,7 +707,9 @@ impl Poller<'_> {
 enum ReadError {
     #[error("exception {0:?}")]
     Exception(tokio_modbus::ExceptionCode),
-    #[error("{0}")]
+    /// The link broke. tokio-modbus reports a TCP connection the device closed with the last
+    /// OS error, whatever it was, hence the hint.
+    #[error("link broke (closed by the device?): {0}")]
     Link(#[from] tokio_modbus::Error),
     #[error("answer does not match the request: {0}")]
     Mismatch(String),
