@@ -274,3 +274,45 @@ async fn a_device_that_is_not_there_is_a_failed_loss_not_an_error() {
     assert!(*count >= 4 && count % 2 == 0, "{lost:?}");
     assert!(sample.contains("cannot connect to 127.0.0.1"), "{sample}");
 }
+
+/// Answers every read of input registers with one register more than asked for, and coils
+/// with a function code that does not match.
+fn confused_device(pdu: &[u8]) -> Option<Vec<u8>> {
+    let count = u16::from_be_bytes([pdu[3], pdu[4]]);
+    match pdu[0] {
+        4 => {
+            let mut r = vec![4, ((count + 1) * 2) as u8];
+            r.extend(std::iter::repeat_n(0u8, (count as usize + 1) * 2));
+            Some(r)
+        }
+        1 => Some(vec![3, 2, 0, 1]),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn answers_that_do_not_match_the_request_are_losses_not_panics() {
+    let port = scripted_device(confused_device).await;
+    let c = config(&format!(
+        "name: meter\ntcp: {{host: 127.0.0.1, port: {port}}}\ninterval_ms: 100\ntimeout_ms: 50\nregisters: [{{field: a, function: input, address: 0, type: u32}}, {{field: b, function: coil, address: 0}}]\n"
+    ));
+    let (ctx, mut rx) = CollectorContext::new_test("meter");
+    let stop = ctx.shutdown.clone();
+    let task = tokio::spawn(c.build().run(ctx));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let mut readings = Vec::new();
+    while let Ok(intake) = rx.try_recv() {
+        readings.extend(intake.readings);
+    }
+    assert!(
+        readings.iter().all(|r| r.stream == LOSS_STREAM),
+        "{readings:?}"
+    );
+    let lost = losses(&readings);
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].0, "failed");
+    assert!(lost[0].1 >= 2, "{lost:?}");
+    assert!(lost[0].2.starts_with("unit 1 input 0+2: "), "{lost:?}");
+}
