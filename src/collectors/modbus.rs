@@ -491,6 +491,11 @@ async fn open(config: &ModbusConfig) -> Result<Context, LinkError> {
     }
     let rtu = config.rtu.as_ref().expect("validated: tcp or rtu is set");
     let port = open_serial(rtu)?;
+    // Bytes that arrived while the port was closed (a late answer to a request that timed
+    // out) must not be read as the answer to the next request.
+    if let Err(e) = tokio_serial::SerialPort::clear(&port, tokio_serial::ClearBuffer::Input) {
+        tracing::debug!(collector = %config.name, error = %e, "Cannot flush the port's input.");
+    }
     tracing::info!(collector = %config.name, path = %rtu.path, baud = rtu.baud, "Modbus RTU port opened.");
     Ok(tokio_modbus::client::rtu::attach_slave(
         port,
