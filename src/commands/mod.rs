@@ -39,6 +39,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +117,14 @@ pub struct CommandService {
     control: Control,
     flush: Arc<Notify>,
     limits: HashMap<String, Arc<Semaphore>>,
+    /// Running actions: on a stop their process groups are killed and their final replies
+    /// committed before [`CommandService::run`] returns.
+    actions: TaskTracker,
+    actions_stop: CancellationToken,
 }
+
+/// How long running actions get, once killed at a stop, to commit their final replies.
+const ACTIONS_STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl CommandService {
     pub fn new(
@@ -150,6 +158,8 @@ impl CommandService {
             control,
             flush,
             limits,
+            actions: TaskTracker::new(),
+            actions_stop: CancellationToken::new(),
         })
     }
 
@@ -180,6 +190,16 @@ impl CommandService {
                     })
                     .await;
             }
+        }
+        // Running actions are killed (their whole process groups) and answered now, so none
+        // outlives ferry and none holds the spool writer past its deadline.
+        self.actions_stop.cancel();
+        self.actions.close();
+        if tokio::time::timeout(ACTIONS_STOP_DEADLINE, self.actions.wait())
+            .await
+            .is_err()
+        {
+            warn!("Running actions did not record their final replies in time.");
         }
     }
 
@@ -453,9 +473,17 @@ impl CommandService {
             Ok(json!({ "action": action.name })),
         ))
         .await;
-        tokio::spawn(async move {
+        let stop = self.actions_stop.clone();
+        self.actions.spawn(async move {
             let _permit = permit;
-            let text = match actions::run(&action, argv).await {
+            let text = match actions::run(&action, argv, &stop).await {
+                Ok(o) if o.stopped => {
+                    warn!(command = %id, action = %action.name, "Action killed: ferry is stopping.");
+                    error(
+                        Some(&id),
+                        "interrupted: ferry stopped while this command ran (its process group was killed); it is not run again",
+                    )
+                }
                 Ok(o) if o.timed_out => reply(
                     Some(&id),
                     "error",
