@@ -506,25 +506,36 @@ fn validate_uplink(
         auth,
         streams: validate_streams(c, u, streams),
         budget: BudgetSettings {
-            daily_bytes: budget(c, "uplink.budget.daily_bytes", u.budget.daily_bytes),
-            monthly_bytes: budget(c, "uplink.budget.monthly_bytes", u.budget.monthly_bytes),
+            daily_bytes: budget(
+                c,
+                "uplink.budget.daily_bytes",
+                u.budget.daily_bytes,
+                max_packet,
+            ),
+            monthly_bytes: budget(
+                c,
+                "uplink.budget.monthly_bytes",
+                u.budget.monthly_bytes,
+                max_packet,
+            ),
         },
     }
 }
 
-/// Smallest budget accepted: a budget below a few messages would only ever let the high lane
-/// through.
-const MIN_BUDGET_BYTES: u64 = 4096;
-
-fn budget(c: &mut Checker, path: &str, value: Option<u64>) -> Option<u64> {
+/// A budget must hold the largest message ferry sends (`max_packet`): ferry cuts messages to
+/// what is left of a period, but one stored chunk (a single big record) may fill a packet, and a
+/// message that never fits a whole period would stop the normal and bulk lanes for good.
+fn budget(c: &mut Checker, path: &str, value: Option<u64>, max_packet: u64) -> Option<u64> {
     value.map(|v| {
-        if v < MIN_BUDGET_BYTES {
+        if v < max_packet {
             c.fail(
                 path,
-                format!("must be at least {MIN_BUDGET_BYTES} bytes, got {v}"),
+                format!(
+                    "must be at least uplink.max_packet_bytes ({max_packet}) bytes, got {v}: a message as big as a packet must fit in one period, or the normal and bulk lanes would stop for good"
+                ),
             );
         }
-        v.max(MIN_BUDGET_BYTES)
+        v.max(max_packet)
     })
 }
 
