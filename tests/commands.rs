@@ -650,6 +650,10 @@ async fn signatures_when_required() {
             "no WARN {message:?} in the log:\n{log}"
         );
     }
+    // Counted: the unsigned and the forged one, and the replay.
+    let refused = &agent.status_json().await["commands"]["refused"];
+    assert_eq!(refused["unsigned"], 2, "{refused}");
+    assert_eq!(refused["replayed"], 1, "{refused}");
     assert!(agent.terminate().success());
 }
 

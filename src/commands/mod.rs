@@ -37,6 +37,7 @@ pub use settings::{ActionSettings, CommandSettings, ParamKind, ParamSettings};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -110,6 +111,44 @@ impl Shared {
     }
 }
 
+/// Commands refused, by reason, for `ferry status` and `ferry.self`: each counted once, with
+/// its error reply (a retained command's redeliveries, acknowledged silently, are not).
+#[derive(Debug, Default)]
+pub struct RefusedCounts {
+    /// Not a request: not JSON, not UTF-8, missing or wrongly typed keys.
+    pub malformed: AtomicU64,
+    /// Over the request size limit.
+    pub too_big: AtomicU64,
+    pub retained: AtomicU64,
+    pub expired: AtomicU64,
+    /// The command queue was full, or an action already ran `max_concurrent` times.
+    pub busy: AtomicU64,
+    /// A signed command's id published anew.
+    pub replayed: AtomicU64,
+    /// Unsigned or wrongly signed, with `require_signature`.
+    pub unsigned: AtomicU64,
+}
+
+impl RefusedCounts {
+    /// The counts by name, for the status document.
+    pub fn to_json(&self) -> Value {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "malformed": n(&self.malformed),
+            "too_big": n(&self.too_big),
+            "retained": n(&self.retained),
+            "expired": n(&self.expired),
+            "busy": n(&self.busy),
+            "replayed": n(&self.replayed),
+            "unsigned": n(&self.unsigned),
+        })
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 pub struct CommandService {
     settings: CommandSettings,
     keys: HashMap<String, Vec<u8>>,
@@ -121,6 +160,7 @@ pub struct CommandService {
     /// committed before [`CommandService::run`] returns.
     actions: TaskTracker,
     actions_stop: CancellationToken,
+    refused: Arc<RefusedCounts>,
 }
 
 /// How long running actions get, once killed at a stop, to commit their final replies.
@@ -160,7 +200,13 @@ impl CommandService {
             limits,
             actions: TaskTracker::new(),
             actions_stop: CancellationToken::new(),
+            refused: Arc::default(),
         })
+    }
+
+    /// The refusal counters, shared with the status document.
+    pub fn refused(&self) -> Arc<RefusedCounts> {
+        self.refused.clone()
     }
 
     /// Serves deliveries until `stop` is cancelled.
@@ -240,6 +286,7 @@ impl CommandService {
     /// Not waiting for the reply to be durable keeps a burst from backing up behind flushes.
     async fn refuse_busy(&self, id: Option<String>) {
         warn!(command = ?id, "Command refused: too many commands waiting.");
+        count(&self.refused.busy);
         let text = error(
             id.as_deref(),
             "busy: too many commands are waiting; send it again later",
@@ -278,6 +325,7 @@ impl CommandService {
             }
         }
         warn!(command = ?id, "Retained command refused; clear it on the broker (publish an empty retained message to the command topic).");
+        count(&self.refused.retained);
         if sh.ledger.accept(&key, now_ms()).is_err() {
             return false;
         }
@@ -297,6 +345,11 @@ impl CommandService {
             Ok(r) => r,
             Err(e) => {
                 warn!(command = ?e.id, error = %e.message, "Malformed command refused.");
+                count(if payload.len() > request::MAX_REQUEST_BYTES {
+                    &self.refused.too_big
+                } else {
+                    &self.refused.malformed
+                });
                 return sh
                     .send_reply(error(
                         e.id.as_deref(),
@@ -310,6 +363,7 @@ impl CommandService {
             && let Err(why) = self.verify(&req)
         {
             warn!(command = %id, name = %req.name, reason = %why, "Command refused: signature check failed.");
+            count(&self.refused.unsigned);
             return sh
                 .send_reply(error(Some(&id), format!("signature refused: {why}")))
                 .await;
@@ -321,6 +375,7 @@ impl CommandService {
                 // reply; the same id published anew is a replay.
                 if self.settings.require_signature && !dup {
                     warn!(command = %id, "Replayed signed command refused.");
+                    count(&self.refused.replayed);
                     return sh
                         .send_reply(error(
                             Some(&id),
@@ -347,6 +402,7 @@ impl CommandService {
         let now = now_ms();
         if req.expires_at.is_some_and(|e| e < now) {
             info!(command = %id, name = %req.name, "Expired command refused.");
+            count(&self.refused.expired);
             let text = error(Some(&id), "expired");
             if sh.ledger.accept(&id, now).is_err() {
                 return false;
@@ -454,6 +510,7 @@ impl CommandService {
             .cloned()
             .unwrap_or_else(|| Arc::new(Semaphore::new(1)));
         let Ok(permit) = limit.try_acquire_owned() else {
+            count(&self.refused.busy);
             return sh
                 .finish(
                     &id,
