@@ -16,6 +16,10 @@
 //! - With `require_signature`, a request must carry an HMAC-SHA256 over its canonical form
 //!   ([`request::canonical`]) by a configured key; unsigned, wrongly signed and replayed
 //!   requests are refused with an error reply and a WARN log.
+//! - Every refusal is counted once, by reason ([`RefusedCounts`]), with its error reply.
+//! - No action outlives the service: when it stops, running actions' process groups are
+//!   killed and their final `interrupted` replies committed before [`CommandService::run`]
+//!   returns (within `ACTIONS_STOP_DEADLINE`).
 
 pub mod actions;
 pub mod ledger;

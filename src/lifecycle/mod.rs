@@ -12,8 +12,9 @@
 //!
 //! Shutdown (SIGTERM or SIGINT), in phases with deadlines:
 //! 1. collectors stop (their shutdown tokens are cancelled) and hand over what they sampled;
-//! 2. the command service stops; the writer commits everything handed over and ends when the
-//!    intake channel is drained;
+//! 2. the command service stops (running actions' process groups are killed and their
+//!    `interrupted` replies committed); the writer commits everything handed over and ends when
+//!    the intake channel is drained;
 //! 3. the uplink stops sending, waits up to `shutdown_grace_ms` for outstanding PUBACKs,
 //!    publishes the retained `offline` status and disconnects;
 //! 4. the spool is flushed (including lazy deletions) and the process exits 0.
