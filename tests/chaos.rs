@@ -189,9 +189,7 @@ async fn dead_link_is_noticed_within_keepalive_bounds_then_reconnects_losing_not
         .then(|| start.elapsed());
     let log = rig.log();
     let line = log.lines().find(|l| l.contains(LOST)).unwrap_or_default();
-    eprintln!(
-        "dead link noticed after {noticed:?} (keepalive {KEEPALIVE:?}): {line}"
-    );
+    eprintln!("dead link noticed after {noticed:?} (keepalive {KEEPALIVE:?}): {line}");
     let noticed = noticed.unwrap_or_else(|| panic!("the dead link was never noticed\n{log}"));
     assert!(
         line.contains("1.5x keepalive") || line.to_lowercase().contains("pingreq"),
@@ -243,12 +241,16 @@ async fn link_cut_1_to_5_s_after_each_reconnection_leaves_no_gap() {
         );
         cuts += 1;
         assert!(
-            rig.wait_connections(cuts + 1, Duration::from_secs(15)).await,
+            rig.wait_connections(cuts + 1, Duration::from_secs(15))
+                .await,
             "ferry did not reconnect after cut {cuts}:\n{}",
             rig.log()
         );
     }
-    eprintln!("cuts: {cuts} cuts in {:?}, ferry reconnected after each", start.elapsed());
+    eprintln!(
+        "cuts: {cuts} cuts in {:?}, ferry reconnected after each",
+        start.elapsed()
+    );
     rig.drain_and_verify("cuts").await;
 }
 
