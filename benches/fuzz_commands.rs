@@ -3,7 +3,9 @@
 //! covers. Generated inputs: arbitrary bytes, JSON values of any shape, and requests with
 //! random fields, each possibly mutated byte-wise. A panic fails the run.
 //!
-//! `cargo bench --bench fuzz_commands` runs 1,000,000 inputs (`FUZZ_CASES` to change).
+//! `cargo bench --bench fuzz_commands` runs 1,000,000 inputs (`FUZZ_CASES` to change;
+//! `--profile dev` reuses a debug build). `tests/fuzz_commands.rs` runs a short version of the
+//! same generators ([`fuzz`]) as part of the tests.
 
 use ferry::commands::request::{canonical, decode, sniff_id};
 use proptest::prelude::*;
@@ -67,18 +69,15 @@ fn input() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-fn main() {
-    let cases: u32 = std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
-    let started = std::time::Instant::now();
+/// Runs `cases` generated inputs through the command parser; panics on a failure. Returns the
+/// share of a 10,000-input sample that decodes as a request, so a strategy that never reaches
+/// the deep checks shows up.
+pub fn fuzz(cases: u32) -> f64 {
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,
         ..Config::default()
     });
-    let decoded = std::cell::Cell::new(0u64);
     let result = runner.run(&input(), |bytes| {
         let _ = sniff_id(&bytes);
         if let Ok(r) = decode(&bytes) {
@@ -89,8 +88,7 @@ fn main() {
     if let Err(e) = result {
         panic!("fuzz failure: {e}");
     }
-    // Count the share of inputs that decode, so a strategy that never reaches the deep checks
-    // shows up.
+    let decoded = std::cell::Cell::new(0u64);
     let mut sample = TestRunner::new(Config {
         cases: 10_000,
         failure_persistence: None,
@@ -102,9 +100,20 @@ fn main() {
         }
         Ok(())
     });
+    decoded.get() as f64 / 10_000.0
+}
+
+#[allow(dead_code)] // The tests include this file for `fuzz` only.
+fn main() {
+    let cases: u32 = std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let started = std::time::Instant::now();
+    let decoded = fuzz(cases);
     println!(
         "fuzz_commands: {cases} inputs without a panic in {:.1} s; {:.1}% of a 10,000 sample decode as requests",
         started.elapsed().as_secs_f64(),
-        decoded.get() as f64 / 100.0
+        decoded * 100.0
     );
 }

@@ -481,6 +481,21 @@ fn render_status(s: &serde_json::Value) -> String {
             lost.join(", ")
         }
     );
+    let refused: Vec<String> = s["commands"]["refused"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, count)| count.as_u64().is_some_and(|n| n > 0))
+        .map(|(reason, count)| format!("{reason} {count}"))
+        .collect();
+    out += &format!(
+        "commands refused: {}\n",
+        if refused.is_empty() {
+            "none".to_string()
+        } else {
+            refused.join(", ")
+        }
+    );
     out += &format!(
         "\n{:<20} {:>10} {:>12} {:>10} {:>9} {:>12}\n",
         "STREAM", "RECORDS", "BYTES", "NEXT SEQ", "EVICTED", "OLDEST (s)"

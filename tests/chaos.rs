@@ -169,7 +169,8 @@ fn ms(ms: u64) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_link_is_noticed_within_keepalive_bounds_then_reconnects_losing_nothing() {
     const KEEPALIVE: Duration = Duration::from_secs(2);
-    const BLACKHOLE: Duration = Duration::from_secs(10);
+    /// How long the link stays dead once ferry noticed.
+    const BLACKHOLE_AFTER_NOTICE: Duration = Duration::from_secs(7);
     let mut rig = Rig::running(2, |c| c.keepalive_s = KEEPALIVE.as_secs()).await;
     let connections_before = rig.proxy.connections();
     let connected_before = rig.log_count(CONNECTED);
@@ -177,26 +178,27 @@ async fn dead_link_is_noticed_within_keepalive_bounds_then_reconnects_losing_not
 
     rig.proxy.blackhole(true);
     let start = Instant::now();
+    // A behaviour timeout (10x the ~3 s this takes), not a bound on the figure: what the test
+    // checks is that the keepalive logic declared the link dead, whichever of its two checks
+    // fired first. The uplink gives up after 1.5x keepalive without a packet from the broker;
+    // rumqttc fails the second ping that finds the first unanswered (up to 2x keepalive).
     let noticed = rig
         .agent()
-        .wait_for_log(LOST, KEEPALIVE * 5)
+        .wait_for_log(LOST, Duration::from_secs(30))
         .await
         .then(|| start.elapsed());
-    // The uplink gives up after 1.5x keepalive without a packet from the broker (checked every
-    // second); rumqttc's own check fails the second ping that finds the first unanswered (up
-    // to 2x keepalive). Whichever comes first, it is inside this bound.
-    let bound = KEEPALIVE * 2 + ms(1500);
     let log = rig.log();
     let line = log.lines().find(|l| l.contains(LOST)).unwrap_or_default();
-    eprintln!("dead link noticed after {noticed:?} (bound {bound:?}): {line}");
+    eprintln!("dead link noticed after {noticed:?} (keepalive {KEEPALIVE:?}): {line}");
+    let noticed = noticed.unwrap_or_else(|| panic!("the dead link was never noticed\n{log}"));
     assert!(
-        noticed.is_some_and(|d| d <= bound),
-        "dead link noticed after {noticed:?}, bound {bound:?}\n{log}"
+        line.contains("1.5x keepalive") || line.to_lowercase().contains("pingreq"),
+        "the link was not declared dead by the keepalive checks: {line}\n{log}"
     );
 
     // The link stays dead; ferry keeps trying at its backoff's pace (each silent attempt also
     // waits out connect_timeout_ms), not in a storm.
-    tokio::time::sleep_until(start + BLACKHOLE).await;
+    tokio::time::sleep_until(start + noticed + BLACKHOLE_AFTER_NOTICE).await;
     let attempts = rig.proxy.connections() - connections_before;
     rig.proxy.blackhole(false);
     let end = Instant::now();
@@ -207,46 +209,47 @@ async fn dead_link_is_noticed_within_keepalive_bounds_then_reconnects_losing_not
         rig.log()
     );
     eprintln!(
-        "{attempts} connection attempts during the {BLACKHOLE:?} blackhole; connected again {:?} after it ended",
+        "{attempts} connection attempts in the {BLACKHOLE_AFTER_NOTICE:?} of blackhole after it was noticed; connected again {:?} after it ended",
         end.elapsed()
     );
     assert!(
         (1..=6).contains(&attempts),
-        "{attempts} connection attempts during a {BLACKHOLE:?} blackhole:\n{}",
+        "{attempts} connection attempts in {BLACKHOLE_AFTER_NOTICE:?} of blackhole:\n{}",
         rig.log()
     );
     rig.drain_and_verify("dead link").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn link_cut_every_1_to_5_s_leaves_no_gap() {
+async fn link_cut_1_to_5_s_after_each_reconnection_leaves_no_gap() {
     const PHASE: Duration = Duration::from_secs(30);
     let mut rig = Rig::running(4, |_| {}).await;
     let mut rng = schedule_rng("cuts");
     let start = Instant::now();
-    let (mut cuts, mut hit) = (0usize, 0usize);
+    let mut cuts = 0usize;
+    // Each cut comes 1-5 s after ferry (re)connected, so every cut finds a connection and
+    // ferry must come back after each: an ordering, not a share of cuts that a loaded machine
+    // could miss.
     while start.elapsed() < PHASE {
         tokio::time::sleep(ms(rng.u64(1000..=5000))).await;
+        let open = rig.proxy.cut();
+        assert!(
+            open > 0,
+            "cut {} found no connection although ferry had reconnected:\n{}",
+            cuts + 1,
+            rig.log()
+        );
         cuts += 1;
-        if rig.proxy.cut() > 0 {
-            hit += 1;
-        }
+        assert!(
+            rig.wait_connections(cuts + 1, Duration::from_secs(15))
+                .await,
+            "ferry did not reconnect after cut {cuts}:\n{}",
+            rig.log()
+        );
     }
     eprintln!(
-        "cuts: {cuts} cuts in {:?}, {hit} found an open connection",
+        "cuts: {cuts} cuts in {:?}, ferry reconnected after each",
         start.elapsed()
-    );
-    // Ferry reconnects within its backoff (at most 1 s here), mostly before the next cut.
-    assert!(
-        hit * 2 >= cuts,
-        "only {hit} of {cuts} cuts found a connection to cut:\n{}",
-        rig.log()
-    );
-    // One connection to start with, and one after every cut that found one.
-    assert!(
-        rig.wait_connections(hit + 1, Duration::from_secs(15)).await,
-        "ferry did not reconnect after each of {hit} cuts:\n{}",
-        rig.log()
     );
     rig.drain_and_verify("cuts").await;
 }

@@ -650,6 +650,10 @@ async fn signatures_when_required() {
             "no WARN {message:?} in the log:\n{log}"
         );
     }
+    // Counted: the unsigned and the forged one, and the replay.
+    let refused = &agent.status_json().await["commands"]["refused"];
+    assert_eq!(refused["unsigned"], 2, "{refused}");
+    assert_eq!(refused["replayed"], 1, "{refused}");
     assert!(agent.terminate().success());
 }
 
@@ -808,5 +812,104 @@ async fn an_action_interrupted_by_sigkill_gets_a_final_reply_after_restart() {
     assert!(r["error"].as_str().unwrap().contains("interrupted"), "{r}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(runs(dir.path()), 1, "the action ran again");
+    assert!(agent.terminate().success());
+}
+
+/// Processes whose process group is `pgid`, from /proc (zombies included: they are gone).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the name in parentheses: state, ppid, pgrp.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first().is_some_and(|s| *s != "Z") && f.get(2) == Some(&pgid.to_string().as_str()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_kills_a_running_actions_whole_process_group() {
+    // A grace well above ferry's own stop time, and below the 10 s the spool writer would be
+    // held by a running action before the fix: the bound below tells the two apart.
+    const GRACE: Duration = Duration::from_secs(8);
+    let Rig {
+        mut agent,
+        sub,
+        broker,
+        dir,
+    } = Rig::start(|dir, port| {
+        let pgid_file = dir.join("group.pid");
+        let extra = format!(
+            "commands:\n  actions:\n    - name: forever\n      program: /bin/sh\n      args: [\"-c\", \"echo $$ > {}; sleep 1000 & sleep 1000\"]\n      timeout_ms: 600000\n",
+            pgid_file.display()
+        );
+        config(dir, port, &[], &extra).replace(
+            "shutdown_grace_ms: 2000",
+            &format!("shutdown_grace_ms: {}", GRACE.as_millis()),
+        )
+    })
+    .await;
+    send(&broker, r#"{"id":"f1","name":"forever"}"#);
+    let pgid_file = dir.path().join("group.pid");
+    let started = tokio::time::Instant::now();
+    let pgid = loop {
+        let members = std::fs::read_to_string(&pgid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .map(|g| (g, group_members(g)));
+        // The shell, its background sleep and its foreground sleep.
+        if let Some((g, m)) = members
+            && m.len() >= 3
+        {
+            break g;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the action never started its children\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stopping = std::time::Instant::now();
+    let status = agent.terminate();
+    let took = stopping.elapsed();
+    println!("SIGTERM with a running action: ferry exited in {took:?} (grace {GRACE:?})");
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert!(
+        took < GRACE,
+        "ferry took {took:?} to stop with an action running\n{}",
+        agent.log()
+    );
+    let left = group_members(pgid);
+    assert!(
+        left.is_empty(),
+        "processes of the action's group {pgid} outlived ferry: {left:?}"
+    );
+    // The final reply went out before ferry exited, or comes after a restart; either way
+    // exactly one, `interrupted`, and the action does not run again.
+    agent.start_again();
+    let r = final_reply(&sub, &agent, "f1", Duration::from_secs(20)).await;
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("interrupted"), "{r}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let finals = replies(&sub, "f1")
+        .into_iter()
+        .filter(|r| r["status"] != "accepted")
+        .count();
+    assert_eq!(finals, 1, "{:?}", replies(&sub, "f1"));
+    assert!(
+        group_members(pgid).is_empty(),
+        "the action ran again after the restart"
+    );
     assert!(agent.terminate().success());
 }

@@ -41,10 +41,11 @@ use crate::record::{Body, Reading, Value};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// Default `max_line_bytes`.
-pub const DEFAULT_MAX_LINE_BYTES: u64 = 64 << 10;
-/// Largest `max_line_bytes` accepted: one line is one record, and a record must fit in one
-/// MQTT message even after JSON escaping.
+/// Default `max_line_bytes`: six times it (JSON's worst case) fits in the default 256 KiB
+/// packet, as config validation requires.
+pub const DEFAULT_MAX_LINE_BYTES: u64 = 32 << 10;
+/// Largest `max_line_bytes` accepted here; config validation also holds it to what fits in
+/// `uplink.max_packet_bytes` after JSON escaping (one line is one record, one message).
 pub const MAX_MAX_LINE_BYTES: u64 = 1 << 20;
 /// Most columns in a `csv` format.
 const MAX_COLUMNS: usize = 256;

@@ -7,8 +7,9 @@
 //!   and may not start with `-` (no option injection); integers and booleans are written in
 //!   decimal / `true`/`false`. Unknown parameters are refused.
 //! - The program runs in its own process group with an empty environment (but `PATH`), no
-//!   stdin; stdout and stderr are captured up to `max_output_bytes` each. On timeout the whole
-//!   process group is killed.
+//!   stdin; stdout and stderr are captured up to `max_output_bytes` each. On timeout, on a stop
+//!   of ferry (`stop` cancelled) and when the run is dropped before its program was reaped, the
+//!   whole process group is killed (SIGKILL), so a background grandchild does not outlive it.
 
 use super::{ActionSettings, ParamKind};
 use nix::sys::signal::{Signal, killpg};
@@ -16,13 +17,16 @@ use nix::unistd::Pid;
 use serde_json::{Map, Value};
 use std::process::Stdio;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
 
 /// What a finished (or killed) action produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
-    /// None when killed at the timeout.
+    /// None when killed at the timeout or by a stop.
     pub exit_code: Option<i32>,
     pub timed_out: bool,
+    /// Killed because ferry is stopping.
+    pub stopped: bool,
     pub stdout: String,
     pub stderr: String,
     pub truncated: bool,
@@ -76,8 +80,31 @@ fn valid_string(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.:/@+-".contains(&b))
 }
 
-/// Runs the action to completion or its timeout.
-pub async fn run(action: &ActionSettings, argv: Vec<String>) -> Result<Outcome, String> {
+/// Kills a process group when dropped while armed: a run dropped mid-way (its task aborted,
+/// the runtime shut down) must not leave the program's children behind.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    /// Kills the group now and disarms the guard.
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the action to completion, its timeout or `stop`.
+pub async fn run(
+    action: &ActionSettings,
+    argv: Vec<String>,
+    stop: &CancellationToken,
+) -> Result<Outcome, String> {
     let mut child = tokio::process::Command::new(&action.program)
         .args(&argv)
         .env_clear()
@@ -92,7 +119,8 @@ pub async fn run(action: &ActionSettings, argv: Vec<String>) -> Result<Outcome, 
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", action.program.display()))?;
-    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    // Armed until the program is reaped: its pid is the group id and cannot be reused before.
+    let mut group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
     let cap = action.max_output_bytes;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -104,22 +132,30 @@ pub async fn run(action: &ActionSettings, argv: Vec<String>) -> Result<Outcome, 
         );
         (out, err, status)
     };
-    match tokio::time::timeout(action.timeout, work).await {
-        Ok(((out, t1), (err, t2), status)) => Ok(Outcome {
-            exit_code: status.ok().and_then(|s| s.code()),
-            timed_out: false,
-            stdout: String::from_utf8_lossy(&out).into_owned(),
-            stderr: String::from_utf8_lossy(&err).into_owned(),
-            truncated: t1 || t2,
-        }),
-        Err(_) => {
-            if let Some(pgid) = pgid {
-                let _ = killpg(pgid, Signal::SIGKILL);
-            }
+    let ended = tokio::select! {
+        r = tokio::time::timeout(action.timeout, work) => r.map_err(|_| false),
+        _ = stop.cancelled() => Err(true),
+    };
+    match ended {
+        Ok(((out, t1), (err, t2), status)) => {
+            // Reaped: the group id may be reused from now on.
+            group.0 = None;
+            Ok(Outcome {
+                exit_code: status.ok().and_then(|s| s.code()),
+                timed_out: false,
+                stopped: false,
+                stdout: String::from_utf8_lossy(&out).into_owned(),
+                stderr: String::from_utf8_lossy(&err).into_owned(),
+                truncated: t1 || t2,
+            })
+        }
+        Err(stopped) => {
+            group.kill();
             let _ = child.wait().await;
             Ok(Outcome {
                 exit_code: None,
-                timed_out: true,
+                timed_out: !stopped,
+                stopped,
                 stdout: String::new(),
                 stderr: String::new(),
                 truncated: false,
@@ -195,9 +231,13 @@ mod tests {
     #[tokio::test]
     async fn captures_output_up_to_the_cap() {
         let a = action("/bin/echo", &[], 5000);
-        let o = run(&a, vec!["hello world, this is long".into()])
-            .await
-            .unwrap();
+        let o = run(
+            &a,
+            vec!["hello world, this is long".into()],
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(o.exit_code, Some(0));
         assert_eq!(o.stdout, "hello world, thi");
         assert!(o.truncated);
@@ -211,15 +251,17 @@ mod tests {
         })
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn kills_the_process_group_at_the_timeout() {
-        // The shell leaves a `sleep` running in the background (its pid in a file) and waits
-        // past the timeout; killing only the shell would leave the grandchild behind.
-        let dir = tempfile::tempdir().unwrap();
-        let pid_file = dir.path().join("grandchild.pid");
+    /// Starts an action whose shell leaves a `sleep` running in the background (its pid in a
+    /// file) and waits past `timeout_ms`; returns the run's task and the grandchild's pid.
+    async fn with_grandchild(
+        dir: &std::path::Path,
+        timeout_ms: u64,
+        stop: CancellationToken,
+    ) -> (tokio::task::JoinHandle<Result<Outcome, String>>, u32) {
+        let pid_file = dir.join("grandchild.pid");
         let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
-        let a = action("/bin/sh", &["-c", &script], 2000);
-        let task = tokio::spawn(async move { run(&a, a.args.clone()).await });
+        let a = action("/bin/sh", &["-c", &script], timeout_ms);
+        let task = tokio::spawn(async move { run(&a, a.args.clone(), &stop).await });
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let pid = loop {
             if let Some(pid) = std::fs::read_to_string(&pid_file)
@@ -234,15 +276,52 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        assert!(
-            alive(pid),
-            "the grandchild {pid} is running before the timeout"
-        );
-        let o = task.await.unwrap().unwrap();
-        assert!(o.timed_out, "{o:?}");
+        assert!(alive(pid), "the grandchild {pid} is running");
+        (task, pid)
+    }
+
+    async fn gone(pid: u32) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while alive(pid) && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(!alive(pid), "the grandchild {pid} outlived the timeout");
+        !alive(pid)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kills_the_process_group_at_the_timeout() {
+        // Killing only the shell would leave the grandchild behind.
+        let dir = tempfile::tempdir().unwrap();
+        let (task, pid) = with_grandchild(dir.path(), 2000, CancellationToken::new()).await;
+        let o = task.await.unwrap().unwrap();
+        assert!(o.timed_out && !o.stopped, "{o:?}");
+        assert!(gone(pid).await, "the grandchild {pid} outlived the timeout");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kills_the_process_group_on_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (task, pid) = with_grandchild(dir.path(), 60_000, stop.clone()).await;
+        stop.cancel();
+        let o = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("a stop ends the run at once")
+            .unwrap()
+            .unwrap();
+        assert!(o.stopped && !o.timed_out, "{o:?}");
+        assert!(gone(pid).await, "the grandchild {pid} outlived the stop");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kills_the_process_group_when_the_run_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (task, pid) = with_grandchild(dir.path(), 60_000, CancellationToken::new()).await;
+        task.abort();
+        let _ = task.await;
+        assert!(
+            gone(pid).await,
+            "the grandchild {pid} outlived its dropped run"
+        );
     }
 }

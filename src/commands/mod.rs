@@ -16,6 +16,10 @@
 //! - With `require_signature`, a request must carry an HMAC-SHA256 over its canonical form
 //!   ([`request::canonical`]) by a configured key; unsigned, wrongly signed and replayed
 //!   requests are refused with an error reply and a WARN log.
+//! - Every refusal is counted once, by reason ([`RefusedCounts`]), with its error reply.
+//! - No action outlives the service: when it stops, running actions' process groups are
+//!   killed and their final `interrupted` replies committed before [`CommandService::run`]
+//!   returns (within `ACTIONS_STOP_DEADLINE`).
 
 pub mod actions;
 pub mod ledger;
@@ -37,8 +41,10 @@ pub use settings::{ActionSettings, CommandSettings, ParamKind, ParamSettings};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +115,44 @@ impl Shared {
     }
 }
 
+/// Commands refused, by reason, for `ferry status` and `ferry.self`: each counted once, with
+/// its error reply (a retained command's redeliveries, acknowledged silently, are not).
+#[derive(Debug, Default)]
+pub struct RefusedCounts {
+    /// Not a request: not JSON, not UTF-8, missing or wrongly typed keys.
+    pub malformed: AtomicU64,
+    /// Over the request size limit.
+    pub too_big: AtomicU64,
+    pub retained: AtomicU64,
+    pub expired: AtomicU64,
+    /// The command queue was full, or an action already ran `max_concurrent` times.
+    pub busy: AtomicU64,
+    /// A signed command's id published anew.
+    pub replayed: AtomicU64,
+    /// Unsigned or wrongly signed, with `require_signature`.
+    pub unsigned: AtomicU64,
+}
+
+impl RefusedCounts {
+    /// The counts by name, for the status document.
+    pub fn to_json(&self) -> Value {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "malformed": n(&self.malformed),
+            "too_big": n(&self.too_big),
+            "retained": n(&self.retained),
+            "expired": n(&self.expired),
+            "busy": n(&self.busy),
+            "replayed": n(&self.replayed),
+            "unsigned": n(&self.unsigned),
+        })
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 pub struct CommandService {
     settings: CommandSettings,
     keys: HashMap<String, Vec<u8>>,
@@ -116,7 +160,15 @@ pub struct CommandService {
     control: Control,
     flush: Arc<Notify>,
     limits: HashMap<String, Arc<Semaphore>>,
+    /// Running actions: on a stop their process groups are killed and their final replies
+    /// committed before [`CommandService::run`] returns.
+    actions: TaskTracker,
+    actions_stop: CancellationToken,
+    refused: Arc<RefusedCounts>,
 }
+
+/// How long running actions get, once killed at a stop, to commit their final replies.
+const ACTIONS_STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl CommandService {
     pub fn new(
@@ -150,7 +202,15 @@ impl CommandService {
             control,
             flush,
             limits,
+            actions: TaskTracker::new(),
+            actions_stop: CancellationToken::new(),
+            refused: Arc::default(),
         })
+    }
+
+    /// The refusal counters, shared with the status document.
+    pub fn refused(&self) -> Arc<RefusedCounts> {
+        self.refused.clone()
     }
 
     /// Serves deliveries until `stop` is cancelled.
@@ -180,6 +240,16 @@ impl CommandService {
                     })
                     .await;
             }
+        }
+        // Running actions are killed (their whole process groups) and answered now, so none
+        // outlives ferry and none holds the spool writer past its deadline.
+        self.actions_stop.cancel();
+        self.actions.close();
+        if tokio::time::timeout(ACTIONS_STOP_DEADLINE, self.actions.wait())
+            .await
+            .is_err()
+        {
+            warn!("Running actions did not record their final replies in time.");
         }
     }
 
@@ -220,6 +290,7 @@ impl CommandService {
     /// Not waiting for the reply to be durable keeps a burst from backing up behind flushes.
     async fn refuse_busy(&self, id: Option<String>) {
         warn!(command = ?id, "Command refused: too many commands waiting.");
+        count(&self.refused.busy);
         let text = error(
             id.as_deref(),
             "busy: too many commands are waiting; send it again later",
@@ -258,6 +329,7 @@ impl CommandService {
             }
         }
         warn!(command = ?id, "Retained command refused; clear it on the broker (publish an empty retained message to the command topic).");
+        count(&self.refused.retained);
         if sh.ledger.accept(&key, now_ms()).is_err() {
             return false;
         }
@@ -277,6 +349,11 @@ impl CommandService {
             Ok(r) => r,
             Err(e) => {
                 warn!(command = ?e.id, error = %e.message, "Malformed command refused.");
+                count(if payload.len() > request::MAX_REQUEST_BYTES {
+                    &self.refused.too_big
+                } else {
+                    &self.refused.malformed
+                });
                 return sh
                     .send_reply(error(
                         e.id.as_deref(),
@@ -290,6 +367,7 @@ impl CommandService {
             && let Err(why) = self.verify(&req)
         {
             warn!(command = %id, name = %req.name, reason = %why, "Command refused: signature check failed.");
+            count(&self.refused.unsigned);
             return sh
                 .send_reply(error(Some(&id), format!("signature refused: {why}")))
                 .await;
@@ -301,6 +379,7 @@ impl CommandService {
                 // reply; the same id published anew is a replay.
                 if self.settings.require_signature && !dup {
                     warn!(command = %id, "Replayed signed command refused.");
+                    count(&self.refused.replayed);
                     return sh
                         .send_reply(error(
                             Some(&id),
@@ -327,6 +406,7 @@ impl CommandService {
         let now = now_ms();
         if req.expires_at.is_some_and(|e| e < now) {
             info!(command = %id, name = %req.name, "Expired command refused.");
+            count(&self.refused.expired);
             let text = error(Some(&id), "expired");
             if sh.ledger.accept(&id, now).is_err() {
                 return false;
@@ -434,6 +514,7 @@ impl CommandService {
             .cloned()
             .unwrap_or_else(|| Arc::new(Semaphore::new(1)));
         let Ok(permit) = limit.try_acquire_owned() else {
+            count(&self.refused.busy);
             return sh
                 .finish(
                     &id,
@@ -453,9 +534,17 @@ impl CommandService {
             Ok(json!({ "action": action.name })),
         ))
         .await;
-        tokio::spawn(async move {
+        let stop = self.actions_stop.clone();
+        self.actions.spawn(async move {
             let _permit = permit;
-            let text = match actions::run(&action, argv).await {
+            let text = match actions::run(&action, argv, &stop).await {
+                Ok(o) if o.stopped => {
+                    warn!(command = %id, action = %action.name, "Action killed: ferry is stopping.");
+                    error(
+                        Some(&id),
+                        "interrupted: ferry stopped while this command ran (its process group was killed); it is not run again",
+                    )
+                }
                 Ok(o) if o.timed_out => reply(
                     Some(&id),
                     "error",

@@ -44,6 +44,11 @@ pub struct ClockSettings {
 const CHUNK_FRACTION: u64 = 8;
 /// Room for the MQTT fixed header and topic beyond a batch's payload.
 const PACKET_OVERHEAD_BYTES: u64 = 1024;
+/// Worst-case growth of text in JSON: a control byte becomes `\u00XX`, six bytes.
+const JSON_WORST_INFLATION: u64 = 6;
+/// Room, beyond one record's text, for the message around it: device, boot, stream, seq,
+/// timestamp, field names, a reply's status and exit code.
+const RECORD_ENVELOPE_BYTES: u64 = 1024;
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
 struct Checker {
@@ -178,6 +183,13 @@ pub(super) fn validate(raw: RawConfig, base: &Path, source: &Path) -> Result<Con
             }
         }
     }
+
+    check_record_limits(
+        &mut c,
+        &collectors,
+        &commands,
+        uplink.max_packet_bytes as u64,
+    );
 
     if !c.issues.is_empty() {
         return Err(c.issues);
@@ -315,6 +327,56 @@ fn validate_commands(c: &mut Checker, r: &RawCommands, base: &Path) -> CommandSe
         ledger_max_entries: max_entries as usize,
         ledger_max_age: Duration::from_secs(max_age),
         actions,
+    }
+}
+
+/// The largest record a limit allows must fit in one message even in the worst case: every
+/// byte a control character that JSON writes in six (invalid UTF-8 grows less: three), plus
+/// the message's envelope and the packet's header. A limit that breaks this is refused, so no
+/// record a collector or an action produces is too big for a packet (the uplink still reports
+/// one as lost should it meet one, e.g. after `max_packet_bytes` was lowered).
+fn check_record_limits(
+    c: &mut Checker,
+    collectors: &[CollectorConfig],
+    commands: &CommandSettings,
+    max_packet: u64,
+) {
+    let room = max_packet.saturating_sub(PACKET_OVERHEAD_BYTES + RECORD_ENVELOPE_BYTES);
+    let largest_line = room / JSON_WORST_INFLATION;
+    for (i, cfg) in collectors.iter().enumerate() {
+        let (line, set) = match cfg {
+            CollectorConfig::Serial(s) => (s.max_line_bytes, true),
+            CollectorConfig::Exec(e) => (e.max_line_bytes, true),
+            CollectorConfig::Listen(l) => (l.max_line_bytes, true),
+            CollectorConfig::File(f) if f.mode == crate::collectors::file::FileMode::Tail => {
+                (f.max_line_bytes(), f.max_line_bytes.is_some())
+            }
+            _ => continue,
+        };
+        if line > largest_line {
+            let what = if set { "" } else { " (the default)" };
+            c.fail(
+                &format!("collectors[{i}].max_line_bytes"),
+                format!(
+                    "{line}{what} is too big for uplink.max_packet_bytes ({max_packet}): a line of control characters grows {JSON_WORST_INFLATION}x in JSON and must fit in one message with {} bytes of envelope; use at most {largest_line} or raise max_packet_bytes",
+                    PACKET_OVERHEAD_BYTES + RECORD_ENVELOPE_BYTES
+                ),
+            );
+        }
+    }
+    // A reply carries stdout and stderr, each up to max_output_bytes.
+    let largest_output = room / (2 * JSON_WORST_INFLATION);
+    for (i, a) in commands.actions.iter().enumerate() {
+        if a.max_output_bytes as u64 > largest_output {
+            c.fail(
+                &format!("commands.actions[{i}].max_output_bytes"),
+                format!(
+                    "{} is too big for uplink.max_packet_bytes ({max_packet}): stdout and stderr, each up to this size, grow up to {JSON_WORST_INFLATION}x in JSON and must fit in one reply with {} bytes of envelope; use at most {largest_output} or raise max_packet_bytes",
+                    a.max_output_bytes,
+                    PACKET_OVERHEAD_BYTES + RECORD_ENVELOPE_BYTES
+                ),
+            );
+        }
     }
 }
 
@@ -506,25 +568,36 @@ fn validate_uplink(
         auth,
         streams: validate_streams(c, u, streams),
         budget: BudgetSettings {
-            daily_bytes: budget(c, "uplink.budget.daily_bytes", u.budget.daily_bytes),
-            monthly_bytes: budget(c, "uplink.budget.monthly_bytes", u.budget.monthly_bytes),
+            daily_bytes: budget(
+                c,
+                "uplink.budget.daily_bytes",
+                u.budget.daily_bytes,
+                max_packet,
+            ),
+            monthly_bytes: budget(
+                c,
+                "uplink.budget.monthly_bytes",
+                u.budget.monthly_bytes,
+                max_packet,
+            ),
         },
     }
 }
 
-/// Smallest budget accepted: a budget below a few messages would only ever let the high lane
-/// through.
-const MIN_BUDGET_BYTES: u64 = 4096;
-
-fn budget(c: &mut Checker, path: &str, value: Option<u64>) -> Option<u64> {
+/// A budget must hold the largest message ferry sends (`max_packet`): ferry cuts messages to
+/// what is left of a period, but one stored chunk (a single big record) may fill a packet, and a
+/// message that never fits a whole period would stop the normal and bulk lanes for good.
+fn budget(c: &mut Checker, path: &str, value: Option<u64>, max_packet: u64) -> Option<u64> {
     value.map(|v| {
-        if v < MIN_BUDGET_BYTES {
+        if v < max_packet {
             c.fail(
                 path,
-                format!("must be at least {MIN_BUDGET_BYTES} bytes, got {v}"),
+                format!(
+                    "must be at least uplink.max_packet_bytes ({max_packet}) bytes, got {v}: a message as big as a packet must fit in one period, or the normal and bulk lanes would stop for good"
+                ),
             );
         }
-        v.max(MIN_BUDGET_BYTES)
+        v.max(max_packet)
     })
 }
 

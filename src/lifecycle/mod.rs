@@ -12,8 +12,9 @@
 //!
 //! Shutdown (SIGTERM or SIGINT), in phases with deadlines:
 //! 1. collectors stop (their shutdown tokens are cancelled) and hand over what they sampled;
-//! 2. the command service stops; the writer commits everything handed over and ends when the
-//!    intake channel is drained;
+//! 2. the command service stops (running actions' process groups are killed and their
+//!    `interrupted` replies committed); the writer commits everything handed over and ends when
+//!    the intake channel is drained;
 //! 3. the uplink stops sending, waits up to `shutdown_grace_ms` for outstanding PUBACKs,
 //!    publishes the retained `offline` status and disconnects;
 //! 4. the spool is flushed (including lazy deletions) and the process exits 0.
@@ -123,6 +124,8 @@ struct Running {
     supervisor: Supervisor,
     uplink_settings: watch::Sender<crate::uplink::UplinkSettings>,
     uplink_stats: Arc<UplinkStats>,
+    /// Commands refused by reason (all zero when commands are off).
+    refused: Arc<crate::commands::RefusedCounts>,
     spool: Spool,
     boot: String,
     started: Instant,
@@ -170,6 +173,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
     let uplink_stats = uplink.stats();
     let commands_stop = CancellationToken::new();
     let mut commands_task = None;
+    let mut refused = Arc::default();
     if config.commands.enabled {
         let (deliveries_tx, deliveries) = mpsc::channel(COMMAND_QUEUE);
         let (acks, acks_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -181,6 +185,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
             control.clone(),
             uplink.flush_handle(),
         )?;
+        refused = service.refused();
         commands_task = Some(tokio::spawn(service.run(
             deliveries,
             busy,
@@ -235,6 +240,7 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
         supervisor,
         uplink_settings,
         uplink_stats,
+        refused,
         spool: spool.clone(),
         boot,
         started: Instant::now(),
@@ -458,6 +464,7 @@ impl Running {
                     "oldest_age_ms": oldest.get(&st.name).map(|t| now.saturating_sub(*t)),
                 })).collect::<Vec<_>>(),
             },
+            "commands": { "refused": self.refused.to_json() },
             "collectors": self.supervisor.states(),
         })
     }

@@ -3,9 +3,14 @@
 //! included), persisted in the spool's database so a restart does not reset it.
 //!
 //! Invariants:
-//! - A message of the normal or bulk lane is sent only if its packet fits in what is left of
-//!   every period, so those lanes never overshoot. The first one that does not fit marks the
-//!   period spent (the rest of it, less than one message, is not used).
+//! - A message of the normal or bulk lane is cut to what is left of every period (it carries
+//!   fewer stored chunks) and sent only if its packet fits, so those lanes never overshoot. When
+//!   not even one chunk fits, the period is spent (the rest of it, less than one chunk's
+//!   message, is not used).
+//! - Budgets never stall: config validation refuses a budget smaller than
+//!   `uplink.max_packet_bytes`, the largest message ferry sends, so every message fits in a
+//!   fresh period. A message over that limit is never sent (it is reported lost) and is not held
+//!   back by the budget.
 //! - Once a period is spent, only the high lane flows (command replies, `ferry.loss`, alarms)
 //!   until it rolls over; high-lane packets are counted too and may take the total past the
 //!   limit: they are what an operator needs most when the budget is gone.

@@ -102,26 +102,38 @@ impl PrepareJob {
                     continue;
                 }
             }
-            let (topic, payload, used) = if is_reply {
+            let topic = if is_reply {
+                self.topics.replies()
+            } else {
+                self.topics.data(&batch.stream)
+            };
+            // The normal and bulk lanes are cut to what is left of the wire budget, so a
+            // period is used up to less than one stored chunk.
+            let budget_bytes = self
+                .wire_left
+                .filter(|_| batch.lane != Lane::High)
+                .map(|left| payload_room(left, topic.len()));
+            let (payload, used) = if is_reply {
                 let record = &batch.chunks[0].records[0];
-                (
-                    self.topics.replies(),
-                    payload::encode_reply(&self.origin, record),
-                    1,
-                )
+                (payload::encode_reply(&self.origin, record), 1)
             } else {
                 let format = self.streams.format(&batch.stream);
-                let (p, used) = crate::wire::encode(
+                crate::wire::encode(
                     format,
                     &self.origin,
                     &batch.stream,
                     &batch.chunks,
-                    max_bytes,
-                );
-                (self.topics.data(&batch.stream), p, used)
+                    budget_bytes.map_or(max_bytes, |b| max_bytes.min(b)),
+                )
             };
             let wire_bytes = crate::wire::publish_packet_bytes(topic.len(), payload.len()) as u64;
-            if let Some(left) = self.wire_left.as_mut() {
+            // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
+            let oversize = payload.len() + topic.len() + 9 > self.max_packet_bytes;
+            // An oversize message is never sent (it becomes a loss record), so the budget
+            // does not hold it back: it would stop its lane for good.
+            if let Some(left) = self.wire_left.as_mut()
+                && !oversize
+            {
                 if batch.lane != Lane::High && wire_bytes > *left {
                     // Not sent, not advanced: it goes when the next period starts.
                     over_budget = Some(wire_bytes);
@@ -142,8 +154,6 @@ impl PrepareJob {
                 records: chunks.iter().map(|c| c.records.len() as u64).sum(),
                 bytes: payload.len(),
             };
-            // MQTT fixed header (<= 5) + topic length (2) + topic + packet id (2).
-            let oversize = payload.len() + topic.len() + 9 > self.max_packet_bytes;
             let seq_of = |c: Option<&crate::record::Record>| c.map_or(0, |r| r.seq);
             let seqs = (
                 seq_of(chunks.first().and_then(|c| c.records.first())),
@@ -178,6 +188,12 @@ impl PrepareJob {
             exhausted,
         })
     }
+}
+
+/// Payload bytes a PUBLISH on a topic of `topic_len` bytes may carry within `left` wire bytes
+/// (see [`crate::wire::publish_packet_bytes`]: at most 9 bytes besides topic and payload).
+fn payload_room(left: u64, topic_len: usize) -> usize {
+    (left as usize).saturating_sub(topic_len + 9)
 }
 
 #[cfg(test)]
@@ -258,6 +274,38 @@ mod tests {
         assert_eq!(topics, ["ferry/gw/data/backlog"; 3]);
         assert!(out.linger_due_ms.is_some(), "the fresh batch is due later");
         assert!(!out.exhausted);
+    }
+
+    #[test]
+    fn a_message_is_cut_to_what_is_left_of_the_wire_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path());
+        // Ten chunks of two records each, none lingering.
+        commit(&spool, "data", 20);
+        let mut j = job(spool, StreamSettings::default(), 4);
+        j.ignore_linger = true;
+        j.limits.max_records = 20;
+        let whole = {
+            let mut all = job(j.spool.clone(), StreamSettings::default(), 1);
+            all.ignore_linger = true;
+            all.limits.max_records = 20;
+            all.run().unwrap().messages.remove(0)
+        };
+        assert_eq!(whole.sent.records, 20, "one message takes everything");
+        j.wire_left = Some(whole.wire_bytes / 2);
+        let out = j.run().unwrap();
+        assert_eq!(out.messages.len(), 1, "the rest does not fit");
+        let m = &out.messages[0];
+        assert!(
+            m.sent.records > 0 && m.sent.records < 20,
+            "{}",
+            m.sent.records
+        );
+        assert!(m.wire_bytes <= whole.wire_bytes / 2);
+        assert!(
+            out.over_budget.is_some(),
+            "the next chunk did not fit: the period is spent"
+        );
     }
 
     #[test]
