@@ -7,7 +7,8 @@ use crate::issue::Issue;
 use crate::record::{COMMANDS_STREAM, LOSS_STREAM, is_valid_stream_name};
 use crate::spool::{BatchLimits, DrainRules, Lane, LaneWeights, SpoolSettings, StreamDrain};
 use crate::uplink::{
-    AuthSettings, BackoffSettings, BudgetSettings, StreamSettings, TlsSettings, UplinkSettings,
+    AuthSettings, BackoffSettings, BudgetSettings, MqttVersion, StreamSettings, TlsSettings,
+    UplinkSettings,
 };
 use crate::wire::{Compression, Format};
 use std::collections::BTreeMap;
@@ -386,6 +387,7 @@ fn validate_uplink(
         4096,
         256 << 20,
     );
+    let mqtt_version = mqtt_version(c, u.mqtt_version.as_ref());
     let window = c.range("uplink.window", u.window, 1, 64);
     let min_rate = c.range(
         "uplink.min_link_bytes_per_s",
@@ -488,6 +490,7 @@ fn validate_uplink(
         keepalive: Duration::from_secs(keepalive),
         connect_timeout: Duration::from_millis(connect),
         max_packet_bytes: max_packet as usize,
+        mqtt_version,
         window: window as usize,
         inflight_bytes: (keepalive > 0 && min_rate > 0)
             .then(|| ((keepalive * min_rate / 2) as usize).max(1024)),
@@ -509,6 +512,25 @@ fn validate_uplink(
             daily_bytes: budget(c, "uplink.budget.daily_bytes", u.budget.daily_bytes),
             monthly_bytes: budget(c, "uplink.budget.monthly_bytes", u.budget.monthly_bytes),
         },
+    }
+}
+
+/// `uplink.mqtt_version`: `5` (a number or a string) or the string `3.1.1`; unset is the
+/// default, 5 (which falls back to 3.1.1 when a broker refuses it).
+fn mqtt_version(c: &mut Checker, raw: Option<&super::raw::RawScalar>) -> MqttVersion {
+    use super::raw::RawScalar;
+    match raw {
+        None => MqttVersion::default(),
+        Some(RawScalar::Int(5)) => MqttVersion::V5,
+        Some(RawScalar::Str(s)) if s == "5" => MqttVersion::V5,
+        Some(RawScalar::Str(s)) if s == "3.1.1" => MqttVersion::V311,
+        Some(other) => {
+            c.fail(
+                "uplink.mqtt_version",
+                format!("must be 5 or 3.1.1, got {other}"),
+            );
+            MqttVersion::default()
+        }
     }
 }
 
