@@ -72,9 +72,9 @@ pub struct Acks {
 impl Acks {
     /// Records a data publish the client accepted (see [`Inflight::queued`]).
     pub fn queued_data(&mut self, sent: Sent, stream: &str) {
-        if !self.names.contains_key(&sent.stream_id) {
-            self.names.insert(sent.stream_id, stream.to_string());
-        }
+        self.names
+            .entry(sent.stream_id)
+            .or_insert_with(|| stream.to_string());
         self.inflight.queued(Tag::Data(sent));
     }
 

@@ -190,7 +190,7 @@ impl Uplink {
             draining: None,
             flush_now: false,
             reconfigured: false,
-            hold: None,
+            hold: self.refusal_until.filter(|t| *t > Instant::now()),
         };
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -267,6 +267,7 @@ impl Uplink {
         self.delete_now(acks).await?;
         st.drain = DrainState::default();
         st.hold = None;
+        self.refusal_until = None;
         info!("Sending the refused data again.");
         Ok(())
     }
@@ -284,26 +285,38 @@ impl Uplink {
             .records_refused
             .fetch_add(sent.records, Ordering::Relaxed);
         let text = format!("{refusal} on stream {stream}");
-        *self
-            .stats
-            .last_refusal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(text);
+        let repeated = {
+            let mut last = self
+                .stats
+                .last_refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let repeated = last.as_deref() == Some(text.as_str());
+            *last = Some(text);
+            repeated
+        };
         if st.hold.is_some() {
             debug!(stream = %stream, reason = %refusal, records = sent.records, "Another publish refused while holding.");
             return;
         }
-        let delay = self.refusal_backoff.next_delay();
+        let delay = self.refusal_backoff.next_delay().max(self.refusal_floor);
         st.hold = Some(Instant::now() + delay);
+        self.refusal_until = st.hold;
         // No batch lingers while holding (its timer would wake the loop for nothing).
         st.linger_until = None;
-        error!(
-            stream = %stream,
-            reason = %refusal,
-            records = sent.records,
-            retry_in_ms = delay.as_millis() as u64,
-            "The broker refused a publish (check its ACL and limits); its records stay in the spool and are sent again."
-        );
+        let holds = self.refusal_backoff.attempts();
+        if !repeated || holds.is_multiple_of(10) {
+            error!(
+                stream = %stream,
+                reason = %refusal,
+                records = sent.records,
+                retry_in_ms = delay.as_millis() as u64,
+                retries = holds,
+                "The broker refused a publish (check its ACL and limits); its records stay in the spool and are sent again."
+            );
+        } else {
+            debug!(stream = %stream, reason = %refusal, retry_in_ms = delay.as_millis() as u64, "Publish refused again.");
+        }
     }
 
     fn on_tick(&self, st: &Steady) -> Result<(), EpochEnd> {

@@ -7,7 +7,8 @@
 //!   them over a bounded channel; it stops after the first error (the epoch then ends).
 //! - [`Client`] publishes, subscribes, acknowledges and disconnects with either flavour.
 //!
-//! Invariants: events keep rumqttc's order (the PUBACK binding in `acks.rs` relies on it); a
+//! Invariants: events keep rumqttc's order (the PUBACK binding in `acks.rs` relies on it),
+//! including the events rumqttc had read but not yet handed out when `poll()` failed; a
 //! PUBACK is always reported, with the MQTT 5 reason code when it is a refusal (>= 0x80), so a
 //! refused publish is never taken for an acknowledged one. MQTT 3.1.1 has no reason codes:
 //! every 3.1.1 PUBACK counts as an acknowledgement.
@@ -223,7 +224,16 @@ pub fn start(
                     let ev = eventloop.poll().await;
                     let out = match ev {
                         Ok(ev) => Ok(event_v4(ev, &mut connected)),
-                        Err(e) => Err(failure_v4(&e)),
+                        Err(e) => {
+                            // Packets read in the same batch as the failure (a PUBACK just
+                            // before the broker closed) are still queued in rumqttc.
+                            for ev in std::mem::take(&mut eventloop.state.events) {
+                                if tx.send(Ok(event_v4(ev, &mut connected))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(failure_v4(&e))
+                        }
                     };
                     let stop = out.is_err();
                     if tx.send(out).await.is_err() || stop {
@@ -242,7 +252,16 @@ pub fn start(
                     let ev = eventloop.poll().await;
                     let out = match ev {
                         Ok(ev) => Ok(event_v5(ev, &mut connected)),
-                        Err(e) => Err(failure_v5(&e, connected)),
+                        Err(e) => {
+                            // As above: a refusing PUBACK followed at once by the broker
+                            // closing the connection (Mosquitto 2.0 does) must still count.
+                            for ev in std::mem::take(&mut eventloop.state.events) {
+                                if tx.send(Ok(event_v5(ev, &mut connected))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(failure_v5(&e, connected))
+                        }
                     };
                     let stop = out.is_err();
                     if tx.send(out).await.is_err() || stop {

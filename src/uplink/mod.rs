@@ -208,6 +208,13 @@ pub struct Uplink {
     /// Delay before refused data is sent again; grows while the broker keeps refusing, reset
     /// by an accepted data publish. Kept across epochs.
     refusal_backoff: Backoff,
+    /// The shortest retry delay after a refusal (`backoff.initial`): full jitter alone could
+    /// retry at once.
+    refusal_floor: std::time::Duration,
+    /// The end of the current refusal delay, kept across epochs: a broker may close the
+    /// connection after refusing (Mosquitto 2.0 with persistence does), and the next epoch
+    /// must not resend before the delay is over.
+    refusal_until: Option<Instant>,
 }
 
 impl Uplink {
@@ -238,6 +245,8 @@ impl Uplink {
                 std::time::Duration::from_secs(1),
                 std::time::Duration::from_secs(60),
             ),
+            refusal_floor: std::time::Duration::from_secs(1),
+            refusal_until: None,
         }
     }
 
@@ -274,6 +283,7 @@ impl Uplink {
         let mut backoff = Backoff::new(first.backoff.initial, first.backoff.max);
         self.version = VersionChoice::new(first.mqtt_version);
         self.refusal_backoff = Backoff::new(first.backoff.initial, first.backoff.max);
+        self.refusal_floor = first.backoff.initial;
         let mut last_error = String::new();
         let mut epoch = 0u64;
         let mut link = self.commands.take();
@@ -289,6 +299,7 @@ impl Uplink {
                     let s = self.settings.borrow().clone();
                     backoff = Backoff::new(s.backoff.initial, s.backoff.max);
                     self.refusal_backoff = Backoff::new(s.backoff.initial, s.backoff.max);
+                    self.refusal_floor = s.backoff.initial;
                     continue;
                 }
                 EpochEnd::FellBack => continue,
