@@ -388,6 +388,14 @@ fn validate_uplink(
         256 << 20,
     );
     let mqtt_version = mqtt_version(c, u.mqtt_version.as_ref());
+    if mqtt_version == MqttVersion::V5 && (1..MIN_KEEPALIVE_V5_S).contains(&keepalive) {
+        c.fail(
+            "uplink.keepalive_s",
+            format!(
+                "must be 0 or at least {MIN_KEEPALIVE_V5_S} with MQTT 5 (uplink.mqtt_version, default 5), got {keepalive}; set mqtt_version: 3.1.1 for a shorter keepalive"
+            ),
+        );
+    }
     let window = c.range("uplink.window", u.window, 1, 64);
     let min_rate = c.range(
         "uplink.min_link_bytes_per_s",
@@ -514,6 +522,9 @@ fn validate_uplink(
         },
     }
 }
+
+/// The shortest keepalive rumqttc's MQTT 5 client accepts.
+const MIN_KEEPALIVE_V5_S: u64 = 5;
 
 /// `uplink.mqtt_version`: `5` (a number or a string) or the string `3.1.1`; unset is the
 /// default, 5 (which falls back to 3.1.1 when a broker refuses it).

@@ -455,6 +455,8 @@ impl Uplink {
             .records_resent
             .fetch_add(m.resent, Ordering::Relaxed);
         if let Some(b) = self.budget.as_mut() {
+            // The 3.1.1 packet size, as the budget's fit check counts it: an MQTT 5 PUBLISH
+            // carries one more byte (its empty property length), not counted (docs/WIRE.md).
             b.charge(m.wire_bytes);
         }
         if m.pick == Pick::Backlog

@@ -417,3 +417,41 @@ struct Failure {
     serious: bool,
     was_connected: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::link::VersionRefusal;
+    use super::*;
+
+    #[test]
+    fn an_explicit_refusal_falls_back_at_once() {
+        let mut v = VersionChoice::new(MqttVersion::V5);
+        assert_eq!(v.effective(), MqttVersion::V5);
+        assert!(v.should_fall_back(VersionRefusal::Explicit));
+        assert_eq!(v.effective(), MqttVersion::V311);
+        assert!(v.fell_back());
+        // Already on 3.1.1: nothing more to fall back to.
+        assert!(!v.should_fall_back(VersionRefusal::Explicit));
+    }
+
+    #[test]
+    fn closes_without_connack_fall_back_only_when_repeated() {
+        let mut v = VersionChoice::new(MqttVersion::V5);
+        assert!(!v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        // Another kind of failure in between (a broker restarting) starts the count again.
+        assert!(!v.should_fall_back(VersionRefusal::No));
+        assert!(!v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        v.connected();
+        assert!(!v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        assert!(v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        assert_eq!(v.effective(), MqttVersion::V311);
+    }
+
+    #[test]
+    fn a_configured_3_1_1_never_changes() {
+        let mut v = VersionChoice::new(MqttVersion::V311);
+        assert!(!v.should_fall_back(VersionRefusal::Explicit));
+        assert!(!v.fell_back());
+        assert_eq!(v.effective(), MqttVersion::V311);
+    }
+}
