@@ -5,14 +5,30 @@
 //! asks with an [`AckRequest`], after the command is durably recorded. The lifecycle creates
 //! both bounded channels and gives the uplink its [`CommandLink`] end.
 
-use rumqttc::Publish;
+use bytes::Bytes;
 use tokio::sync::mpsc;
+
+/// A command publish as either MQTT version delivered it: what the command service reads and
+/// what the uplink needs to acknowledge it.
+#[derive(Debug, Clone)]
+pub struct CommandPublish {
+    pub payload: Bytes,
+    pub retain: bool,
+    /// Sent again by the broker (its PUBACK was lost), not a new publish.
+    pub dup: bool,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub pkid: u16,
+    /// MQTT 5 message expiry, as a wall-clock deadline (ms since the epoch): the remaining
+    /// interval the broker sent, counted from receipt. `None` with MQTT 3.1.1 or no expiry.
+    pub expires_at_ms: Option<u64>,
+}
 
 /// A command publish received in connection epoch `epoch`, not yet acknowledged.
 #[derive(Debug)]
 pub struct CommandDelivery {
     pub epoch: u64,
-    pub publish: Publish,
+    pub publish: CommandPublish,
 }
 
 /// The command service's request to PUBACK a delivery it has durably recorded. Ignored if the
@@ -20,7 +36,7 @@ pub struct CommandDelivery {
 #[derive(Debug)]
 pub struct AckRequest {
     pub epoch: u64,
-    pub publish: Publish,
+    pub publish: CommandPublish,
 }
 
 /// The uplink's side of the command channel.

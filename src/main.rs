@@ -442,9 +442,20 @@ fn render_status(s: &serde_json::Value) -> String {
         out += &format!("last error: {e}\n");
     }
     out += &format!(
-        "published {} messages, {} records acknowledged, {} connections\n",
-        c["messages_published"], c["records_acked"], c["connects"]
+        "published {} messages, {} records acknowledged, {} connections, MQTT {}\n",
+        c["messages_published"],
+        c["records_acked"],
+        c["connects"],
+        cell(&c["mqtt_version"])
     );
+    if c["publishes_refused"].as_u64().is_some_and(|n| n > 0) {
+        out += &format!(
+            "refused by the broker: {} publishes, {} records (kept in the spool); last: {}\n",
+            c["publishes_refused"],
+            c["records_refused"],
+            cell(&c["last_refusal"])
+        );
+    }
     let b = &s["budget"];
     let limit = |v: &serde_json::Value| {
         v.as_u64()

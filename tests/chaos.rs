@@ -171,7 +171,12 @@ async fn dead_link_is_noticed_within_keepalive_bounds_then_reconnects_losing_not
     const KEEPALIVE: Duration = Duration::from_secs(2);
     /// How long the link stays dead once ferry noticed.
     const BLACKHOLE_AFTER_NOTICE: Duration = Duration::from_secs(7);
-    let mut rig = Rig::running(2, |c| c.keepalive_s = KEEPALIVE.as_secs()).await;
+    // A 2 s keepalive needs MQTT 3.1.1 (rumqttc's MQTT 5 client pings at most every 5 s).
+    let mut rig = Rig::running(2, |c| {
+        c.keepalive_s = KEEPALIVE.as_secs();
+        c.uplink_extra.push("mqtt_version: \"3.1.1\"".into());
+    })
+    .await;
     let connections_before = rig.proxy.connections();
     let connected_before = rig.log_count(CONNECTED);
     assert_eq!(rig.log_count(LOST), 0, "{}", rig.log());

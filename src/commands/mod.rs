@@ -27,7 +27,7 @@ pub mod request;
 mod settings;
 
 use crate::clock::now_ms;
-use crate::command_link::{AckRequest, CommandDelivery};
+use crate::command_link::{AckRequest, CommandDelivery, CommandPublish};
 use crate::control::Control;
 use crate::loss::{Loss, LossReason};
 use crate::record::{Body, COMMANDS_STREAM, Reading};
@@ -35,7 +35,6 @@ use crate::spool::Intake;
 use hmac::{Hmac, Mac};
 use ledger::Ledger;
 use request::Request;
-use rumqttc::Publish;
 use serde_json::{Value, json};
 pub use settings::{ActionSettings, CommandSettings, ParamKind, ParamSettings};
 use sha2::{Digest, Sha256};
@@ -254,11 +253,12 @@ impl CommandService {
     }
 
     /// Handles one delivery; returns whether it is durably recorded (and may be acknowledged).
-    async fn handle(&self, publish: &Publish) -> bool {
+    async fn handle(&self, publish: &CommandPublish) -> bool {
         if publish.retain {
             return self.refuse_retained(&publish.payload).await;
         }
-        self.handle_request(&publish.payload, publish.dup).await
+        self.handle_request(&publish.payload, publish.dup, publish.expires_at_ms)
+            .await
     }
 
     /// A command that arrived while the queue was full (the uplink acknowledged it already).
@@ -343,7 +343,14 @@ impl CommandService {
 
     /// Handles one request; returns whether it is durably recorded (and may be acknowledged).
     /// `dup`: the broker is sending it again (its PUBACK was lost), not a new publish.
-    async fn handle_request(&self, payload: &[u8], dup: bool) -> bool {
+    /// `message_expiry_ms`: the MQTT 5 message expiry as a deadline; it counts like the
+    /// request's own `expires_at` (the earlier of the two wins).
+    async fn handle_request(
+        &self,
+        payload: &[u8],
+        dup: bool,
+        message_expiry_ms: Option<u64>,
+    ) -> bool {
         let sh = &self.shared;
         let req = match request::decode(payload) {
             Ok(r) => r,
@@ -404,8 +411,12 @@ impl CommandService {
             }
         }
         let now = now_ms();
-        if req.expires_at.is_some_and(|e| e < now) {
-            info!(command = %id, name = %req.name, "Expired command refused.");
+        let expires_at = match (req.expires_at, message_expiry_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if expires_at.is_some_and(|e| e < now) {
+            info!(command = %id, name = %req.name, message_expiry = message_expiry_ms.is_some(), "Expired command refused.");
             count(&self.refused.expired);
             let text = error(Some(&id), "expired");
             if sh.ledger.accept(&id, now).is_err() {

@@ -72,6 +72,9 @@ pub struct RawUplink {
     pub connect_timeout_ms: u64,
     #[serde(default = "defaults::max_packet_bytes")]
     pub max_packet_bytes: u64,
+    /// `5` or `3.1.1`; any scalar is read so that validation can say what is wrong with it.
+    #[serde(default)]
+    pub mqtt_version: Option<RawScalar>,
     #[serde(default = "defaults::window")]
     pub window: u64,
     /// The slowest the link may be, in bytes/s. Unacknowledged data is kept to what such a link
@@ -103,6 +106,27 @@ pub struct RawUplink {
     /// flows until the period rolls over.
     #[serde(default)]
     pub budget: RawBudget,
+}
+
+/// A scalar as YAML typed it (`5` is a number, `3.1.1` a string, `3.1` a float).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum RawScalar {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+}
+
+impl std::fmt::Display for RawScalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RawScalar::Int(i) => write!(f, "{i}"),
+            RawScalar::Float(x) => write!(f, "{x}"),
+            RawScalar::Bool(b) => write!(f, "{b}"),
+            RawScalar::Str(s) => write!(f, "{s:?}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -7,7 +7,8 @@ use crate::issue::Issue;
 use crate::record::{COMMANDS_STREAM, LOSS_STREAM, is_valid_stream_name};
 use crate::spool::{BatchLimits, DrainRules, Lane, LaneWeights, SpoolSettings, StreamDrain};
 use crate::uplink::{
-    AuthSettings, BackoffSettings, BudgetSettings, StreamSettings, TlsSettings, UplinkSettings,
+    AuthSettings, BackoffSettings, BudgetSettings, MqttVersion, StreamSettings, TlsSettings,
+    UplinkSettings,
 };
 use crate::wire::{Compression, Format};
 use std::collections::BTreeMap;
@@ -448,6 +449,15 @@ fn validate_uplink(
         4096,
         256 << 20,
     );
+    let mqtt_version = mqtt_version(c, u.mqtt_version.as_ref());
+    if mqtt_version == MqttVersion::V5 && (1..MIN_KEEPALIVE_V5_S).contains(&keepalive) {
+        c.fail(
+            "uplink.keepalive_s",
+            format!(
+                "must be 0 or at least {MIN_KEEPALIVE_V5_S} with MQTT 5 (uplink.mqtt_version, default 5), got {keepalive}; set mqtt_version: 3.1.1 for a shorter keepalive"
+            ),
+        );
+    }
     let window = c.range("uplink.window", u.window, 1, 64);
     let min_rate = c.range(
         "uplink.min_link_bytes_per_s",
@@ -550,6 +560,7 @@ fn validate_uplink(
         keepalive: Duration::from_secs(keepalive),
         connect_timeout: Duration::from_millis(connect),
         max_packet_bytes: max_packet as usize,
+        mqtt_version,
         window: window as usize,
         inflight_bytes: (keepalive > 0 && min_rate > 0)
             .then(|| ((keepalive * min_rate / 2) as usize).max(1024)),
@@ -581,6 +592,28 @@ fn validate_uplink(
                 max_packet,
             ),
         },
+    }
+}
+
+/// The shortest keepalive rumqttc's MQTT 5 client accepts.
+const MIN_KEEPALIVE_V5_S: u64 = 5;
+
+/// `uplink.mqtt_version`: `5` (a number or a string) or the string `3.1.1`; unset is the
+/// default, 5 (which falls back to 3.1.1 when a broker refuses it).
+fn mqtt_version(c: &mut Checker, raw: Option<&super::raw::RawScalar>) -> MqttVersion {
+    use super::raw::RawScalar;
+    match raw {
+        None => MqttVersion::default(),
+        Some(RawScalar::Int(5)) => MqttVersion::V5,
+        Some(RawScalar::Str(s)) if s == "5" => MqttVersion::V5,
+        Some(RawScalar::Str(s)) if s == "3.1.1" => MqttVersion::V311,
+        Some(other) => {
+            c.fail(
+                "uplink.mqtt_version",
+                format!("must be 5 or 3.1.1, got {other}"),
+            );
+            MqttVersion::default()
+        }
     }
 }
 

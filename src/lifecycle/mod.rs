@@ -435,6 +435,15 @@ impl Running {
                 "last_error": *u.last_error.lock().unwrap_or_else(|p| p.into_inner()),
                 "messages_published": u.messages_published.load(Ordering::Relaxed),
                 "records_acked": u.records_acked.load(Ordering::Relaxed),
+                "mqtt_version": u
+                    .protocol
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| s.mqtt_version.as_str().to_string()),
+                "publishes_refused": u.publishes_refused.load(Ordering::Relaxed),
+                "records_refused": u.records_refused.load(Ordering::Relaxed),
+                "last_refusal": *u.last_refusal.lock().unwrap_or_else(|p| p.into_inner()),
             },
             "budget": {
                 "daily_limit": s.budget.daily_bytes,

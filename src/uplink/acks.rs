@@ -10,6 +10,9 @@
 //!   bound is a retransmission of that publish and binds nothing; pkid 0 is QoS 0 and ignored;
 //! - [`Inflight::on_puback`] releases the entry bound to that pkid, whose chunks may now be
 //!   deleted from the spool. A PUBACK for an unknown pkid releases nothing.
+//! - [`Acks::on_refused`]: an MQTT 5 PUBACK with a reason code >= 0x80 releases the entry
+//!   *without* deleting anything: the broker did not take the message, so its chunks stay in
+//!   the spool and are sent again.
 //! - [`Acks`] wraps the epoch's [`Inflight`] and the chunks acknowledged but not deleted yet
 //!   ([`PendingDeletes`]). Deleting is lazy by contract (a lost deletion only causes a resend):
 //!   PUBACKs are collected and deleted in one sled batch every [`DELETE_BATCH`] chunks or
@@ -62,9 +65,35 @@ impl PendingDeletes {
 pub struct Acks {
     pub inflight: Inflight<Sent>,
     deletes: PendingDeletes,
+    /// Stream names by id, for what is logged about a refused publish.
+    names: HashMap<u32, String>,
 }
 
 impl Acks {
+    /// Records a data publish the client accepted (see [`Inflight::queued`]).
+    pub fn queued_data(&mut self, sent: Sent, stream: &str) {
+        self.names
+            .entry(sent.stream_id)
+            .or_insert_with(|| stream.to_string());
+        self.inflight.queued(Tag::Data(sent));
+    }
+
+    /// Applies a refusing PUBACK (MQTT 5 reason code >= 0x80): the publish is no longer in
+    /// flight and nothing is deleted. Returns the data publish it was, with its stream's name.
+    pub fn on_refused(&mut self, pkid: u16) -> Option<(Sent, String)> {
+        match self.inflight.on_puback(pkid) {
+            Some(Tag::Data(sent)) => {
+                let name = self
+                    .names
+                    .get(&sent.stream_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", sent.stream_id));
+                Some((sent, name))
+            }
+            _ => None,
+        }
+    }
+
     /// Applies a PUBACK; returns the records it acknowledged (data publishes only).
     pub fn on_puback(&mut self, pkid: u16) -> Option<u64> {
         match self.inflight.on_puback(pkid) {
@@ -274,6 +303,32 @@ mod tests {
     fn outgoing_with_nothing_awaiting_is_reported() {
         let mut f: Inflight<u8> = Inflight::new();
         assert_eq!(f.on_outgoing(1), Bind::Unexpected);
+    }
+
+    fn sent(stream_id: u32, chunk: u64) -> Sent {
+        Sent {
+            stream_id,
+            chunk_ids: vec![chunk],
+            records: 3,
+            bytes: 100,
+        }
+    }
+
+    #[test]
+    fn a_refused_publish_deletes_nothing_and_an_accepted_one_does() {
+        let mut a = Acks::default();
+        a.queued_data(sent(1, 10), "sys");
+        a.queued_data(sent(1, 11), "sys");
+        assert_eq!(a.inflight.on_outgoing(1), Bind::Bound);
+        assert_eq!(a.inflight.on_outgoing(2), Bind::Bound);
+        let (refused, name) = a.on_refused(1).expect("data publish");
+        assert_eq!((refused.chunk_ids, name.as_str()), (vec![10], "sys"));
+        assert!(a.due().is_none(), "a refusal must not schedule a deletion");
+        assert_eq!(a.on_puback(2), Some(3));
+        assert_eq!(a.deletes.by_stream.get(&1), Some(&vec![11]));
+        assert!(a.inflight.is_empty());
+        // A refusal for a packet id nothing is bound to releases nothing.
+        assert!(a.on_refused(7).is_none());
     }
 
     #[test]

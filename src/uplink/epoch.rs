@@ -12,35 +12,31 @@
 //! the spool again ([`super::acks`]).
 
 use super::acks::{Acks, Bind, Sent, Tag};
+use super::link::{self, AbortOnDrop, Client, Events, LinkEvent, LinkFailure, Refusal};
 use super::prepare::PrepareJob;
 use super::{EpochCtx, EpochEnd, REQUEST_SLACK, Uplink, failed, options};
 use crate::clock::now_ms;
-use crate::command_link::{AckRequest, CommandDelivery, CommandLink};
+use crate::command_link::{AckRequest, CommandDelivery, CommandLink, CommandPublish};
 use crate::heartbeat::TICK;
 use crate::loss::{Loss, LossReason};
 use crate::spool::{DrainState, Pick};
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS,
-    SubscribeReasonCode,
-};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-/// Events from the polling task waiting for the uplink task. Small: the uplink handles each
-/// event in microseconds, and a full channel only pauses polling (back-pressure on the socket).
-const EVENT_CAPACITY: usize = 64;
 /// How long to wait for the DISCONNECT to be written at shutdown.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
-
-type Events = mpsc::Receiver<Result<Event, ConnectionError>>;
+/// After a refused publish's retry delay, how long the other publishes still in flight may
+/// take to be answered before the connection is restarted instead (rumqttc can hold a publish
+/// back behind a refused packet id for good).
+const HOLD_DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// A live connection: the client, the polling task's events, and the task itself (aborted
 /// when this is dropped).
 pub(super) struct Conn {
-    client: AsyncClient,
+    client: Client,
     events: Events,
     _poller: AbortOnDrop,
 }
@@ -57,6 +53,10 @@ struct Steady {
     draining: Option<Instant>,
     flush_now: bool,
     reconfigured: bool,
+    /// Set when the broker refused a data publish (MQTT 5 reason code >= 0x80): no new data
+    /// is sent until then; once nothing is in flight any more, the drain starts again from
+    /// the oldest stored chunk, so the refused records are sent again.
+    hold: Option<Instant>,
 }
 
 fn far() -> Instant {
@@ -92,29 +92,26 @@ impl Uplink {
         acks: &mut Acks,
     ) -> Result<Conn, EpochEnd> {
         let s = &ctx.s;
-        let (opts, net) =
-            options::build(s, &ctx.topics, &self.boot).map_err(|e| EpochEnd::Failed {
-                error: e.to_string(),
-                serious: true,
-                was_connected: false,
-            })?;
-        let (client, mut eventloop) = AsyncClient::new(opts, s.window + REQUEST_SLACK);
-        eventloop.set_network_options(net);
-        let (ev_tx, mut events) = mpsc::channel(EVENT_CAPACITY);
-        let poller = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let ev = eventloop.poll().await;
-                let stop = ev.is_err();
-                if ev_tx.send(ev).await.is_err() || stop {
-                    break;
-                }
-            }
-        }));
+        let (client, mut events, poller) = link::start(
+            s,
+            ctx.version,
+            &ctx.topics,
+            &self.boot,
+            s.window + REQUEST_SLACK,
+        )
+        .map_err(|e| EpochEnd::Failed {
+            error: e.to_string(),
+            serious: true,
+            was_connected: false,
+        })?;
         let session_present = self.await_connack(ctx, &mut events).await?;
+        self.version.connected();
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         self.stats.backoff_ms.store(0, Ordering::Relaxed);
-        info!(broker = %format!("{}:{}", s.host, s.port), client_id = %s.client_id, tls = s.tls.is_some(), "Connected to the broker.");
+        self.stats
+            .set_protocol(ctx.version, self.version.fell_back());
+        info!(broker = %format!("{}:{}", s.host, s.port), client_id = %s.client_id, tls = s.tls.is_some(), mqtt_version = ctx.version.as_str(), session_present, "Connected to the broker.");
 
         // Subscribe before any publish, so its packet id cannot collide with one (rumqtt #1057).
         // Only when the broker does not hold the subscription already: each new subscription
@@ -123,16 +120,15 @@ impl Uplink {
             !session_present || self.subscribed.as_deref() != Some(ctx.commands_topic.as_str());
         if subscribe
             && resubscribe
-            && let Err(e) = client.try_subscribe(ctx.commands_topic.clone(), QoS::AtLeastOnce)
+            && let Err(e) = client.subscribe(ctx.commands_topic.clone())
         {
             return Err(failed(
                 format!("cannot queue the command subscription: {e}"),
                 true,
             ));
         }
-        if let Err(e) = client.try_publish(
+        if let Err(e) = client.publish(
             ctx.topics.status(),
-            QoS::AtLeastOnce,
             true,
             options::status_payload("online", &self.boot),
         ) {
@@ -163,9 +159,9 @@ impl Uplink {
                 _ = self.shutdown.cancelled() => return Err(EpochEnd::Shutdown),
                 _ = tokio::time::sleep_until(deadline) => return Err(failed("timed out waiting for the broker's CONNACK", false)),
                 ev = events.recv() => match ev {
-                    Some(Ok(Event::Incoming(Packet::ConnAck(c)))) => return Ok(c.session_present),
+                    Some(Ok(LinkEvent::ConnAck { session_present })) => return Ok(session_present),
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(describe(&e, false)),
+                    Some(Err(f)) => return Err(self.connect_failed(ctx, f)),
                     None => return Err(failed("event loop stopped", false)),
                 },
             }
@@ -194,14 +190,19 @@ impl Uplink {
             draining: None,
             flush_now: false,
             reconfigured: false,
+            hold: self.refusal_until.filter(|t| *t > Instant::now()),
         };
         let mut tick = tokio::time::interval(TICK);
         loop {
             if st.draining.is_none() {
-                st.linger_until = self.fill(ctx, &conn.client, acks, &mut st).await?;
+                self.end_hold(acks, &mut st).await?;
+                if st.hold.is_none() {
+                    st.linger_until = self.fill(ctx, &conn.client, acks, &mut st).await?;
+                }
             } else if acks.inflight.data_len() == 0 {
                 return Ok(st.reconfigured);
             }
+            let hold_wake = hold_wake(&st);
             tokio::select! {
                 _ = tick.tick() => self.on_tick(&st)?,
                 _ = self.shutdown.cancelled(), if st.draining.is_none() => {
@@ -221,15 +222,15 @@ impl Uplink {
                 }
                 ev = conn.events.recv() => match ev {
                     Some(Ok(ev)) => {
-                        if matches!(ev, Event::Incoming(_)) {
+                        if ev.is_incoming() {
                             st.last_rx = Instant::now();
                         }
-                        self.on_event(ctx, ev, acks, &conn.client, link.as_deref_mut())?;
+                        self.on_event(ctx, ev, acks, &conn.client, link.as_deref_mut(), &mut st)?;
                         if acks.batch_full() {
                             self.delete_now(acks).await?;
                         }
                     }
-                    Some(Err(e)) => return Err(describe(&e, true)),
+                    Some(Err(f)) => return Err(end_of(f, true)),
                     None => return Err(failed("event loop stopped", true)),
                 },
                 ack = recv_ack(link.as_deref_mut()) => on_command_ack(ctx, &conn.client, ack)?,
@@ -237,7 +238,84 @@ impl Uplink {
                 r = st.committed.changed() => if r.is_err() { return Err(EpochEnd::Shutdown) },
                 _ = tokio::time::sleep_until(st.linger_until.unwrap_or_else(far)), if st.linger_until.is_some() => {}
                 _ = tokio::time::sleep_until(acks.due().unwrap_or_else(far)), if acks.due().is_some() => self.delete_now(acks).await?,
+                _ = tokio::time::sleep_until(hold_wake.unwrap_or_else(far)), if hold_wake.is_some() => {}
             }
+        }
+    }
+
+    /// Ends a refusal hold once its delay is over and nothing is in flight any more: the
+    /// acknowledged chunks are deleted, and the drain starts again from the oldest stored
+    /// chunk, which sends the refused records again. Restarts the connection if the publishes
+    /// in flight are not answered within [`HOLD_DRAIN_LIMIT`] after the delay.
+    async fn end_hold(&mut self, acks: &mut Acks, st: &mut Steady) -> Result<(), EpochEnd> {
+        let Some(until) = st.hold else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if now < until {
+            return Ok(());
+        }
+        if acks.inflight.data_len() > 0 {
+            if now >= until + HOLD_DRAIN_LIMIT {
+                return Err(failed(
+                    "publishes still unanswered after a refused one; restarting the connection to send them again",
+                    true,
+                ));
+            }
+            return Ok(());
+        }
+        self.delete_now(acks).await?;
+        st.drain = DrainState::default();
+        st.hold = None;
+        self.refusal_until = None;
+        info!("Sending the refused data again.");
+        Ok(())
+    }
+
+    /// The broker refused a data publish: its chunks stay in the spool (nothing is deleted),
+    /// the refusal is counted and logged, and new data waits for the retry delay (growing
+    /// while refusals go on, reset by an accepted publish).
+    fn on_refused(&mut self, pkid: u16, refusal: Refusal, acks: &mut Acks, st: &mut Steady) {
+        let Some((sent, stream)) = acks.on_refused(pkid) else {
+            warn!(pkid, reason = %refusal, "The broker refused a control publish (the status message); check its ACL.");
+            return;
+        };
+        self.stats.publishes_refused.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .records_refused
+            .fetch_add(sent.records, Ordering::Relaxed);
+        let text = format!("{refusal} on stream {stream}");
+        let repeated = {
+            let mut last = self
+                .stats
+                .last_refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let repeated = last.as_deref() == Some(text.as_str());
+            *last = Some(text);
+            repeated
+        };
+        if st.hold.is_some() {
+            debug!(stream = %stream, reason = %refusal, records = sent.records, "Another publish refused while holding.");
+            return;
+        }
+        let delay = self.refusal_backoff.next_delay().max(self.refusal_floor);
+        st.hold = Some(Instant::now() + delay);
+        self.refusal_until = st.hold;
+        // No batch lingers while holding (its timer would wake the loop for nothing).
+        st.linger_until = None;
+        let holds = self.refusal_backoff.attempts();
+        if !repeated || holds.is_multiple_of(10) {
+            error!(
+                stream = %stream,
+                reason = %refusal,
+                records = sent.records,
+                retry_in_ms = delay.as_millis() as u64,
+                retries = holds,
+                "The broker refused a publish (check its ACL and limits); its records stay in the spool and are sent again."
+            );
+        } else {
+            debug!(stream = %stream, reason = %refusal, retry_in_ms = delay.as_millis() as u64, "Publish refused again.");
         }
     }
 
@@ -269,17 +347,16 @@ impl Uplink {
     /// DISCONNECT, so the broker does not send the last will.
     async fn goodbye(&self, ctx: &EpochCtx, mut conn: Conn, reconfigured: bool) -> EpochEnd {
         if !reconfigured {
-            let _ = conn.client.try_publish(
+            let _ = conn.client.publish(
                 ctx.topics.status(),
-                QoS::AtLeastOnce,
                 true,
                 options::status_payload("offline", &self.boot),
             );
         }
-        let _ = conn.client.try_disconnect();
+        let _ = conn.client.disconnect();
         let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
             while let Some(Ok(ev)) = conn.events.recv().await {
-                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                if matches!(ev, LinkEvent::Disconnected) {
                     break;
                 }
             }
@@ -299,7 +376,7 @@ impl Uplink {
     async fn fill(
         &mut self,
         ctx: &EpochCtx,
-        client: &AsyncClient,
+        client: &Client,
         acks: &mut Acks,
         st: &mut Steady,
     ) -> Result<Option<Instant>, EpochEnd> {
@@ -361,12 +438,12 @@ impl Uplink {
     /// Hands one prepared message to the client and records it as awaiting its PUBACK.
     fn publish(
         &mut self,
-        client: &AsyncClient,
+        client: &Client,
         acks: &mut Acks,
         m: super::prepare::Prepared,
     ) -> Result<(), EpochEnd> {
         client
-            .try_publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+            .publish(m.topic, false, m.payload)
             .map_err(|e| failed(format!("cannot queue a publish: {e}"), true))?;
         self.stats
             .messages_published
@@ -378,6 +455,8 @@ impl Uplink {
             .records_resent
             .fetch_add(m.resent, Ordering::Relaxed);
         if let Some(b) = self.budget.as_mut() {
+            // The 3.1.1 packet size, as the budget's fit check counts it: an MQTT 5 PUBLISH
+            // carries one more byte (its empty property length), not counted (docs/WIRE.md).
             b.charge(m.wire_bytes);
         }
         if m.pick == Pick::Backlog
@@ -386,7 +465,7 @@ impl Uplink {
             let high = self.sent_high.entry(m.sent.stream_id).or_default();
             *high = (*high).max(*last);
         }
-        acks.inflight.queued(Tag::Data(m.sent));
+        acks.queued_data(m.sent, &m.stream);
         Ok(())
     }
 
@@ -424,14 +503,15 @@ impl Uplink {
     fn on_event(
         &mut self,
         ctx: &EpochCtx,
-        ev: Event,
+        ev: LinkEvent,
         acks: &mut Acks,
-        client: &AsyncClient,
+        client: &Client,
         link: Option<&mut CommandLink>,
+        st: &mut Steady,
     ) -> Result<(), EpochEnd> {
         let commands_topic = ctx.commands_topic.as_str();
         match ev {
-            Event::Outgoing(Outgoing::Publish(pkid)) => match acks.inflight.on_outgoing(pkid) {
+            LinkEvent::Published(pkid) => match acks.inflight.on_outgoing(pkid) {
                 Bind::Unexpected => {
                     return Err(failed(
                         format!(
@@ -443,35 +523,38 @@ impl Uplink {
                 Bind::Retransmission => debug!(pkid, "Publish retransmitted."),
                 Bind::Bound | Bind::Untracked => {}
             },
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+            LinkEvent::AwaitAck(pkid) => {
                 debug!(pkid, "Packet id collision; rumqttc waits for its ack.")
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(records) = acks.on_puback(ack.pkid) {
+            LinkEvent::PubAck {
+                pkid,
+                refusal: Some(refusal),
+            } => self.on_refused(pkid, refusal, acks, st),
+            LinkEvent::PubAck {
+                pkid,
+                refusal: None,
+            } => {
+                if let Some(records) = acks.on_puback(pkid) {
                     self.stats
                         .records_acked
                         .fetch_add(records, Ordering::Relaxed);
+                    self.refusal_backoff.reset();
                 }
             }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    error!(topic = %commands_topic, "The broker refused the command subscription (check its ACL); commands will not arrive.");
-                } else {
-                    info!(topic = %commands_topic, "Subscribed to commands.");
-                    self.subscribed = Some(commands_topic.to_string());
-                }
+            LinkEvent::SubAck { refused: true } => {
+                error!(topic = %commands_topic, "The broker refused the command subscription (check its ACL); commands will not arrive.");
             }
-            Event::Incoming(Packet::Publish(p)) => match link {
-                Some(link) if p.topic == commands_topic => {
-                    pass_command(ctx, client, link, p)?;
+            LinkEvent::SubAck { refused: false } => {
+                info!(topic = %commands_topic, "Subscribed to commands.");
+                self.subscribed = Some(commands_topic.to_string());
+            }
+            LinkEvent::Publish { topic, publish } => match link {
+                Some(link) if topic == commands_topic => {
+                    pass_command(ctx, client, link, publish)?;
                 }
                 _ => {
-                    debug!(topic = %p.topic, "Unexpected publish acknowledged and ignored.");
-                    let _ = client.try_ack(&p);
+                    debug!(topic = %topic, "Unexpected publish acknowledged and ignored.");
+                    let _ = client.ack(&publish);
                 }
             },
             _ => {}
@@ -500,9 +583,9 @@ fn oversize_loss(
 /// PUBACKs by packet id).
 fn pass_command(
     ctx: &EpochCtx,
-    client: &AsyncClient,
+    client: &Client,
     link: &mut CommandLink,
-    publish: rumqttc::Publish,
+    publish: CommandPublish,
 ) -> Result<(), EpochEnd> {
     let delivery = CommandDelivery {
         epoch: ctx.epoch,
@@ -518,7 +601,7 @@ fn pass_command(
             // More refusals at once than rumqttc's request channel holds (a broker sending
             // over REQUEST_SLACK unacknowledged commands): leave the rest unacknowledged
             // (redelivered after a reconnect) rather than end the connection.
-            if let Err(e) = client.try_ack(&d.publish) {
+            if let Err(e) = client.ack(&d.publish) {
                 warn!(error = %e, "Cannot queue a busy command's acknowledgement; it is redelivered after a reconnect.");
                 return Ok(());
             }
@@ -539,12 +622,12 @@ fn pass_command(
 /// (the broker then redelivers it on the next connection).
 fn on_command_ack(
     ctx: &EpochCtx,
-    client: &AsyncClient,
+    client: &Client,
     ack: Option<AckRequest>,
 ) -> Result<(), EpochEnd> {
     match ack {
         Some(ack) if ack.epoch == ctx.epoch => client
-            .try_ack(&ack.publish)
+            .ack(&ack.publish)
             .map_err(|e| failed(format!("cannot queue a command acknowledgement: {e}"), true)),
         _ => Ok(()),
     }
@@ -561,64 +644,23 @@ async fn recv_ack(link: Option<&mut CommandLink>) -> Option<AckRequest> {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// When the steady loop must wake up for a refusal hold: at the end of its delay, then at
+/// the limit for the publishes still in flight (never a time already past, so the loop does
+/// not spin while it waits for their PUBACKs).
+fn hold_wake(st: &Steady) -> Option<Instant> {
+    let until = st.hold?;
+    Some(if Instant::now() < until {
+        until
+    } else {
+        until + HOLD_DRAIN_LIMIT
+    })
 }
 
-/// A connection error as an operator should read it, with a hint where the cause is usually
-/// configuration.
-fn describe(e: &ConnectionError, was_connected: bool) -> EpochEnd {
-    if let ConnectionError::ConnectionRefused(code) = e {
-        let why = match code {
-            ConnectReturnCode::BadUserNamePassword => {
-                "bad user name or password (check uplink.auth)"
-            }
-            ConnectReturnCode::NotAuthorized => {
-                "not authorized (check uplink.auth, the client certificate and the broker's ACL)"
-            }
-            ConnectReturnCode::BadClientId => "client id rejected (check uplink.client_id)",
-            ConnectReturnCode::ServiceUnavailable => "service unavailable",
-            ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 is not accepted",
-            ConnectReturnCode::Success => "refused with a success code",
-        };
-        return EpochEnd::Failed {
-            error: format!("the broker refused the connection: {why}"),
-            serious: true,
-            was_connected,
-        };
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    let debug = format!("{e:?}");
-    let hint = if debug.contains("UnknownIssuer") || debug.contains("BadSignature") {
-        Some("the broker's certificate is not signed by uplink.tls.ca_file")
-    } else if debug.contains("NotValidForName") {
-        Some("the broker's certificate does not name uplink.host")
-    } else if debug.contains("CertificateRequired") {
-        Some("the broker requires a client certificate: set uplink.tls.cert_file and key_file")
-    } else if debug.contains("Expired") {
-        Some("a certificate has expired (or the clock is wrong)")
-    } else {
-        None
-    };
-    match hint {
-        Some(h) => EpochEnd::Failed {
-            error: format!("TLS handshake failed: {h} ({text})"),
-            serious: true,
-            was_connected,
-        },
-        None => failed(text, was_connected),
+/// A failed connection as the reconnect loop reads it.
+pub(super) fn end_of(f: LinkFailure, was_connected: bool) -> EpochEnd {
+    EpochEnd::Failed {
+        error: f.error,
+        serious: f.serious,
+        was_connected,
     }
 }

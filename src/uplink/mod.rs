@@ -15,10 +15,16 @@
 //!   in-flight limit is set well above it so its packet ids rarely collide.
 //! - **Reconnect backoff** lives here (exponential, full jitter, capped, reset after a
 //!   connection stayed up for `reset_after`). rumqttc has none of its own.
+//! - **MQTT 5 or 3.1.1** ([`link`]): the epoch code is the same for both. With 5, a PUBACK
+//!   reason code >= 0x80 deletes nothing: new data waits a backoff delay of its own (the
+//!   connection stays up, so commands still flow), then the drain starts again from the
+//!   oldest stored chunk. A broker that refuses a version-5 CONNECT makes ferry fall back to
+//!   3.1.1 (with a WARN) until the settings change or ferry restarts.
 
 pub mod acks;
 pub mod budget;
 mod epoch;
+mod link;
 pub mod options;
 mod prepare;
 mod settings;
@@ -32,7 +38,8 @@ use crate::wire::payload::Origin;
 use budget::{Budget, BudgetStats};
 use options::Topics;
 pub use settings::{
-    AuthSettings, BackoffSettings, BudgetSettings, StreamSettings, TlsSettings, UplinkSettings,
+    AuthSettings, BackoffSettings, BudgetSettings, MqttVersion, StreamSettings, TlsSettings,
+    UplinkSettings,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +68,87 @@ pub struct UplinkStats {
     pub backoff_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub budget: Arc<BudgetStats>,
+    /// Data publishes the broker refused (MQTT 5 PUBACK reason code >= 0x80), and their
+    /// records (counted at every refusal: a record refused twice counts twice).
+    pub publishes_refused: AtomicU64,
+    pub records_refused: AtomicU64,
+    /// The last refusal: reason code, name, reason string, stream.
+    pub last_refusal: Mutex<Option<String>>,
+    /// The protocol of the last connection: `5`, `3.1.1`, or `3.1.1 (fallback)`.
+    pub protocol: Mutex<Option<String>>,
+}
+
+impl UplinkStats {
+    fn set_protocol(&self, version: MqttVersion, fell_back: bool) {
+        let text = if fell_back {
+            format!("{} (fallback)", version.as_str())
+        } else {
+            version.as_str().to_string()
+        };
+        *self.protocol.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    }
+}
+
+/// The protocol version the next connection uses: the configured one, or 3.1.1 once a broker
+/// refused a version-5 CONNECT.
+#[derive(Debug)]
+struct VersionChoice {
+    configured: MqttVersion,
+    fell_back: bool,
+    /// Version-5 CONNECTs in a row the broker closed without a readable CONNACK.
+    early_closes: u32,
+}
+
+/// Version-5 CONNECTs in a row closed without a CONNACK before ferry falls back (one could be
+/// a broker restarting; a 3.1.1-only broker does it every time).
+const EARLY_CLOSES_BEFORE_FALLBACK: u32 = 2;
+
+impl VersionChoice {
+    fn new(configured: MqttVersion) -> VersionChoice {
+        VersionChoice {
+            configured,
+            fell_back: false,
+            early_closes: 0,
+        }
+    }
+
+    fn effective(&self) -> MqttVersion {
+        if self.fell_back {
+            MqttVersion::V311
+        } else {
+            self.configured
+        }
+    }
+
+    fn fell_back(&self) -> bool {
+        self.fell_back
+    }
+
+    fn connected(&mut self) {
+        self.early_closes = 0;
+    }
+
+    /// Whether this failed CONNECT makes ferry fall back to 3.1.1 now.
+    fn should_fall_back(&mut self, refusal: link::VersionRefusal) -> bool {
+        if self.effective() != MqttVersion::V5 {
+            return false;
+        }
+        let fall = match refusal {
+            link::VersionRefusal::No => {
+                self.early_closes = 0;
+                false
+            }
+            link::VersionRefusal::Explicit => true,
+            link::VersionRefusal::ClosedBeforeConnack => {
+                self.early_closes += 1;
+                self.early_closes >= EARLY_CLOSES_BEFORE_FALLBACK
+            }
+        };
+        if fall {
+            self.fell_back = true;
+        }
+        fall
+    }
 }
 
 /// How a connection epoch ended.
@@ -68,6 +156,8 @@ enum EpochEnd {
     Shutdown,
     /// The settings changed: reconnect at once with the new ones.
     Reconfigured,
+    /// The broker refused MQTT 5: reconnect at once with 3.1.1.
+    FellBack,
     Failed {
         error: String,
         serious: bool,
@@ -91,6 +181,8 @@ struct EpochCtx {
     origin: Origin,
     streams: Arc<StreamSettings>,
     epoch: u64,
+    /// The protocol version of this epoch's CONNECT.
+    version: MqttVersion,
 }
 
 pub struct Uplink {
@@ -112,6 +204,17 @@ pub struct Uplink {
     /// The command topic the broker confirmed a subscription to (SUBACK), kept across
     /// epochs: with the session present, it is not subscribed again.
     subscribed: Option<String>,
+    version: VersionChoice,
+    /// Delay before refused data is sent again; grows while the broker keeps refusing, reset
+    /// by an accepted data publish. Kept across epochs.
+    refusal_backoff: Backoff,
+    /// The shortest retry delay after a refusal (`backoff.initial`): full jitter alone could
+    /// retry at once.
+    refusal_floor: std::time::Duration,
+    /// The end of the current refusal delay, kept across epochs: a broker may close the
+    /// connection after refusing (Mosquitto 2.0 with persistence does), and the next epoch
+    /// must not resend before the delay is over.
+    refusal_until: Option<Instant>,
 }
 
 impl Uplink {
@@ -137,6 +240,13 @@ impl Uplink {
             )),
             budget: None,
             subscribed: None,
+            version: VersionChoice::new(MqttVersion::default()),
+            refusal_backoff: Backoff::new(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(60),
+            ),
+            refusal_floor: std::time::Duration::from_secs(1),
+            refusal_until: None,
         }
     }
 
@@ -171,6 +281,9 @@ impl Uplink {
         let first = self.settings.borrow().clone();
         self.open_budget(&first);
         let mut backoff = Backoff::new(first.backoff.initial, first.backoff.max);
+        self.version = VersionChoice::new(first.mqtt_version);
+        self.refusal_backoff = Backoff::new(first.backoff.initial, first.backoff.max);
+        self.refusal_floor = first.backoff.initial;
         let mut last_error = String::new();
         let mut epoch = 0u64;
         let mut link = self.commands.take();
@@ -185,8 +298,11 @@ impl Uplink {
                 EpochEnd::Reconfigured => {
                     let s = self.settings.borrow().clone();
                     backoff = Backoff::new(s.backoff.initial, s.backoff.max);
+                    self.refusal_backoff = Backoff::new(s.backoff.initial, s.backoff.max);
+                    self.refusal_floor = s.backoff.initial;
                     continue;
                 }
+                EpochEnd::FellBack => continue,
                 EpochEnd::Failed {
                     error,
                     serious,
@@ -235,6 +351,9 @@ impl Uplink {
     /// The settings as they are now, for epoch `epoch`.
     fn epoch_ctx(&mut self, epoch: u64) -> EpochCtx {
         let s = self.settings.borrow_and_update().clone();
+        if s.mqtt_version != self.version.configured {
+            self.version = VersionChoice::new(s.mqtt_version);
+        }
         let topics = Topics::new(&s.topic_prefix, &s.device_id);
         if let Some(b) = self.budget.as_mut() {
             b.set_limits(s.budget);
@@ -247,9 +366,19 @@ impl Uplink {
                 boot: self.boot.clone(),
             },
             streams: Arc::new(s.streams.clone()),
+            version: self.version.effective(),
             s,
             epoch,
         }
+    }
+
+    /// A CONNECT that failed: falls back to 3.1.1 when the broker refused version 5.
+    fn connect_failed(&mut self, ctx: &EpochCtx, f: link::LinkFailure) -> EpochEnd {
+        if self.version.should_fall_back(f.version) {
+            warn!(broker = %format!("{}:{}", ctx.s.host, ctx.s.port), error = %f.error, "The broker does not accept MQTT 5; falling back to MQTT 3.1.1 (refused publishes cannot be detected; set uplink.mqtt_version: 3.1.1 to skip the attempt).");
+            return EpochEnd::FellBack;
+        }
+        epoch::end_of(f, false)
     }
 
     /// Records and logs a failed epoch: the error kind once, then every tenth repeat.
@@ -287,4 +416,42 @@ struct Failure {
     attempt: u32,
     serious: bool,
     was_connected: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::link::VersionRefusal;
+    use super::*;
+
+    #[test]
+    fn an_explicit_refusal_falls_back_at_once() {
+        let mut v = VersionChoice::new(MqttVersion::V5);
+        assert_eq!(v.effective(), MqttVersion::V5);
+        assert!(v.should_fall_back(VersionRefusal::Explicit));
+        assert_eq!(v.effective(), MqttVersion::V311);
+        assert!(v.fell_back());
+        // Already on 3.1.1: nothing more to fall back to.
+        assert!(!v.should_fall_back(VersionRefusal::Explicit));
+    }
+
+    #[test]
+    fn closes_without_connack_fall_back_only_when_repeated() {
+        let mut v = VersionChoice::new(MqttVersion::V5);
+        assert!(!v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        // Another kind of failure in between (a broker restarting) starts the count again.
+        assert!(!v.should_fall_back(VersionRefusal::No));
+        assert!(!v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        v.connected();
+        assert!(!v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        assert!(v.should_fall_back(VersionRefusal::ClosedBeforeConnack));
+        assert_eq!(v.effective(), MqttVersion::V311);
+    }
+
+    #[test]
+    fn a_configured_3_1_1_never_changes() {
+        let mut v = VersionChoice::new(MqttVersion::V311);
+        assert!(!v.should_fall_back(VersionRefusal::Explicit));
+        assert!(!v.fell_back());
+        assert_eq!(v.effective(), MqttVersion::V311);
+    }
 }

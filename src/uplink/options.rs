@@ -4,7 +4,7 @@
 
 use super::UplinkSettings;
 use crate::tls::{self, TlsError};
-use rumqttc::{LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::{LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport, v5};
 use std::time::Duration;
 
 /// Topic names for one device.
@@ -96,30 +96,92 @@ pub fn build(
         QoS::AtLeastOnce,
         true,
     ));
-    if let Some(auth) = &s.auth {
-        let password = match &auth.password_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|source| OptionsError::Password {
-                    path: p.clone(),
-                    source,
-                })?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
-            None => String::new(),
-        };
-        o.set_credentials(auth.username.clone(), password);
+    if let Some((user, password)) = credentials(s)? {
+        o.set_credentials(user, password);
     }
-    if let Some(t) = &s.tls {
-        let client_cert = t
-            .client_cert
-            .as_ref()
-            .map(|(c, k)| (c.as_path(), k.as_path()));
-        let config = tls::client_config(&t.ca_file, client_cert)?;
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    if let Some(t) = transport(s)? {
+        o.set_transport(t);
     }
+    Ok((o, network_options(s)))
+}
+
+/// MQTT 5 options: the same as [`build`], plus what 5 can say that 3.1.1 cannot: the
+/// Maximum Packet Size the broker may send us, and a session expiry that keeps the session
+/// (subscription, queued commands) across outages, as `clean_session = false` does in 3.1.1.
+pub fn build_v5(
+    s: &UplinkSettings,
+    topics: &Topics,
+    boot: &str,
+) -> Result<v5::MqttOptions, OptionsError> {
+    let mut o = v5::MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+    o.set_keep_alive(s.keepalive);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
+    // The broker must not send a packet over this; a command that does not fit is dropped by
+    // the broker (never delivered), instead of ending our connection.
+    o.set_max_packet_size(Some(u32::try_from(s.max_packet_bytes).unwrap_or(u32::MAX)));
+    o.set_outgoing_inflight_upper_limit(rumqttc_inflight(s.window));
+    o.set_manual_acks(true);
+    o.set_last_will(v5::mqttbytes::v5::LastWill::new(
+        topics.status(),
+        status_payload("offline", boot),
+        v5::mqttbytes::QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    if let Some((user, password)) = credentials(s)? {
+        o.set_credentials(user, password);
+    }
+    if let Some(t) = transport(s)? {
+        o.set_transport(t);
+    }
+    o.set_connection_timeout(s.connect_timeout.as_secs().max(1));
+    o.set_network_options(network_options(s));
+    Ok(o)
+}
+
+/// MQTT 5 session expiry: 0xFFFFFFFF means the session never expires, like a 3.1.1 session
+/// with `clean_session = false` (the broker's own limit, e.g. Mosquitto's
+/// `persistent_client_expiration`, still applies).
+pub const SESSION_EXPIRY_S: u32 = u32::MAX;
+
+/// User name and password, the password read from its file now.
+fn credentials(s: &UplinkSettings) -> Result<Option<(String, String)>, OptionsError> {
+    let Some(auth) = &s.auth else {
+        return Ok(None);
+    };
+    let password = match &auth.password_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|source| OptionsError::Password {
+                path: p.clone(),
+                source,
+            })?
+            .trim_end_matches(['\r', '\n'])
+            .to_string(),
+        None => String::new(),
+    };
+    Ok(Some((auth.username.clone(), password)))
+}
+
+/// The TLS transport, certificate files read now; `None` for plain TCP.
+fn transport(s: &UplinkSettings) -> Result<Option<Transport>, OptionsError> {
+    let Some(t) = &s.tls else {
+        return Ok(None);
+    };
+    let client_cert = t
+        .client_cert
+        .as_ref()
+        .map(|(c, k)| (c.as_path(), k.as_path()));
+    let config = tls::client_config(&t.ca_file, client_cert)?;
+    Ok(Some(Transport::tls_with_config(TlsConfiguration::Rustls(
+        config,
+    ))))
+}
+
+fn network_options(s: &UplinkSettings) -> NetworkOptions {
     let mut n = NetworkOptions::new();
     n.set_connection_timeout(s.connect_timeout.as_secs().max(1));
-    Ok((o, n))
+    n
 }
 
 /// Time allowed for TCP + TLS + CONNECT/CONNACK before the attempt counts as failed.

@@ -19,6 +19,9 @@ pub struct UplinkSettings {
     pub keepalive: Duration,
     pub connect_timeout: Duration,
     pub max_packet_bytes: usize,
+    /// The MQTT protocol version ferry asks for; 5 falls back to 3.1.1 when the broker
+    /// refuses it.
+    pub mqtt_version: MqttVersion,
     /// Batches in flight at once (published, PUBACK not yet seen).
     pub window: usize,
     /// Most payload bytes in flight at once (see `min_link_bytes_per_s`); at least one message
@@ -31,6 +34,27 @@ pub struct UplinkSettings {
     pub auth: Option<AuthSettings>,
     pub streams: StreamSettings,
     pub budget: BudgetSettings,
+}
+
+/// The MQTT protocol version of the CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1 (protocol level 4): no reason codes; a broker that refuses a publish still
+    /// acknowledges it.
+    V311,
+    /// MQTT 5: PUBACK reason codes, Maximum Packet Size, session and message expiry.
+    #[default]
+    V5,
+}
+
+impl MqttVersion {
+    /// As written in the config and shown in `ferry status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        }
+    }
 }
 
 /// How each stream is encoded and drained.

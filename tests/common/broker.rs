@@ -108,6 +108,10 @@ pub struct Broker {
     plain_port: u16,
     secure_port: Option<u16>,
     child: Option<Child>,
+    /// The plain listener applies `<dir>/acl` ([`Broker::start_with_acl`]).
+    acl: bool,
+    /// Mosquitto's default `max_queued_messages` (1000) instead of no limit.
+    default_queue_limit: bool,
 }
 
 /// What the broker logs.
@@ -129,17 +133,40 @@ enum StartError {
 impl Broker {
     /// Starts a broker on fresh ports and waits until every listener accepts.
     pub fn start(opts: BrokerOpts) -> Broker {
-        Self::start_with(opts, Logging::Everything, None)
+        Self::start_with(opts, Logging::Everything, None, None)
+    }
+
+    /// [`Broker::start`] with an ACL file (Mosquitto's format) on the plain listener; lines
+    /// without a `user` apply to anonymous clients. Change it with [`Broker::set_acl`].
+    ///
+    /// `queue_limit`: keep Mosquitto's default `max_queued_messages` (1000). Mosquitto 2.0.11
+    /// with `max_queued_messages 0` closes an MQTT 5 connection right after the PUBACK 0x87 of
+    /// a denied QoS 1 publish; with the default it keeps the connection.
+    pub fn start_with_acl(opts: BrokerOpts, acl: &str, queue_limit: bool) -> Broker {
+        Self::start_with(opts, Logging::Everything, None, Some((acl, queue_limit)))
+    }
+
+    /// Rewrites the ACL file and makes the running broker reload it (SIGHUP).
+    pub fn set_acl(&self, acl: &str) {
+        assert!(self.acl, "set_acl() on a broker started without an ACL");
+        std::fs::write(self.dir.path().join("acl"), acl).expect("write the ACL file");
+        let pid = self.pid().expect("set_acl() on a stopped broker");
+        assert!(send_signal(pid, "HUP"), "cannot SIGHUP mosquitto {pid}");
     }
 
     /// A broker for benchmarks: the plain listener only (on `port` if given, e.g. one an agent
     /// has been failing to reach), no persistence, and no per-packet (debug) logging: that
     /// would cost the broker about as much as the traffic a benchmark measures.
     pub fn start_quiet(port: Option<u16>) -> Broker {
-        Self::start_with(BrokerOpts::default(), Logging::Quiet, port)
+        Self::start_with(BrokerOpts::default(), Logging::Quiet, port, None)
     }
 
-    fn start_with(opts: BrokerOpts, logging: Logging, port: Option<u16>) -> Broker {
+    fn start_with(
+        opts: BrokerOpts,
+        logging: Logging,
+        port: Option<u16>,
+        acl: Option<(&str, bool)>,
+    ) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("ferry-broker-")
             .tempdir()
@@ -154,12 +181,17 @@ impl Broker {
         if let Some(Secure::Password { users, .. }) = &opts.secure {
             write_password_file(&dir.path().join("passwd"), users);
         }
+        if let Some((acl, _)) = acl {
+            std::fs::write(dir.path().join("acl"), acl).expect("write the ACL file");
+        }
 
         let mut broker = Broker {
             dir,
             plain_port: 0,
             secure_port: None,
             child: None,
+            acl: acl.is_some(),
+            default_queue_limit: acl.is_some_and(|(_, limit)| limit),
         };
         for attempt in 1..=BIND_ATTEMPTS {
             let ports = free_ports(if opts.secure.is_some() { 2 } else { 1 });
@@ -305,8 +337,10 @@ impl Broker {
             "per_listener_settings true".to_owned(),
             format!("log_dest file {dir}/mosquitto.log"),
             "log_timestamp_format %Y-%m-%dT%H:%M:%S".to_owned(),
-            "max_queued_messages 0".to_owned(),
         ];
+        if !self.default_queue_limit {
+            lines.push("max_queued_messages 0".to_owned());
+        }
         match logging {
             Logging::Everything => lines.push("log_type all".to_owned()),
             Logging::Quiet => {
@@ -327,6 +361,9 @@ impl Broker {
         lines.push(String::new());
         lines.push(format!("listener {} 127.0.0.1", self.plain_port));
         lines.push("allow_anonymous true".to_owned());
+        if self.acl {
+            lines.push(format!("acl_file {dir}/acl"));
+        }
 
         if let (Some(secure), Some(port)) = (&opts.secure, self.secure_port) {
             lines.push(String::new());
