@@ -93,6 +93,8 @@ struct State {
     /// as committed and lost. `reported_gen` is the commit it came from, `applied_gen` the
     /// latest applied one (commits may finish their sync out of order).
     reported: Counters,
+    /// Each stream's next seq as of that same commit: what `stats` reports as `next_seq`.
+    reported_next: HashMap<u32, u64>,
     reported_gen: u64,
     applied_gen: u64,
     /// The durable seq reservation; raised before a commit persists a seq at or above it.
@@ -111,10 +113,11 @@ struct State {
 impl State {
     /// The commit of `generation`, whose counters are `counters`, is on stable storage: report
     /// them, unless a later commit's sync finished first.
-    fn synced(&mut self, generation: u64, counters: Counters) {
+    fn synced(&mut self, generation: u64, counters: Counters, next: HashMap<u32, u64>) {
         if generation > self.reported_gen {
             self.reported_gen = generation;
             self.reported = counters;
+            self.reported_next = next;
         }
     }
 
@@ -471,6 +474,7 @@ impl Spool {
                 log,
                 state: Mutex::new(State {
                     reported: counters.clone(),
+                    reported_next: next_seqs(&metas),
                     reported_gen: 0,
                     applied_gen: 0,
                     counters,
@@ -742,6 +746,7 @@ impl Spool {
             .map(|m| (m.name.clone(), m.next_seq))
             .collect();
         self.inner.tree.apply_batch(batch)?;
+        let next = next_seqs(&metas);
         state.metas = metas;
         state.ids = ids;
         state.global = global;
@@ -755,7 +760,7 @@ impl Spool {
         self.sync()?;
         {
             let mut state = self.lock();
-            state.synced(generation, counters);
+            state.synced(generation, counters, next);
             if !failures.is_empty() {
                 state.failures.reported(&failures, failures_collected);
             }
@@ -1212,6 +1217,7 @@ impl Spool {
         let next_seq = metas.values().map(|m| m.next_seq).max().unwrap_or(0);
         state.seq.reserve_below(next_seq)?;
         self.inner.tree.apply_batch(batch)?;
+        let next = next_seqs(&metas);
         state.metas = metas;
         state.ids = ids;
         state.global = global;
@@ -1220,7 +1226,7 @@ impl Spool {
         let generation = state.applied_gen;
         drop(state);
         self.sync()?;
-        self.lock().synced(generation, counters);
+        self.lock().synced(generation, counters, next);
         let readable = global.next_chunk_id;
         self.inner
             .readable_below
@@ -1292,10 +1298,12 @@ impl Spool {
         let state = self.lock();
         let streams: Vec<StreamStats> = state
             .metas
-            .values()
-            .map(|m| StreamStats {
+            .iter()
+            .map(|(id, m)| StreamStats {
                 name: m.name.clone(),
-                next_seq: m.next_seq,
+                // As of the latest synced commit: a seq reported as taken is on disk.
+                next_seq: (state.reported_next.get(id).copied())
+                    .unwrap_or(state.global.seq_floor.max(1)),
                 records: m.records,
                 bytes: m.bytes,
                 chunks: m.chunks,
@@ -1617,6 +1625,11 @@ fn same_meta(a: &StreamMeta, b: &StreamMeta) -> bool {
         && a.chunks == b.chunks
         && a.evicted == b.evicted
         && a.name == b.name
+}
+
+/// Each stream's next seq, by stream id.
+fn next_seqs(metas: &BTreeMap<u32, StreamMeta>) -> HashMap<u32, u64> {
+    metas.iter().map(|(id, m)| (*id, m.next_seq)).collect()
 }
 
 fn stream_id(
