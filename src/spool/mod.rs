@@ -180,3 +180,6 @@ mod tests;
 
 #[cfg(test)]
 mod power_tests;
+
+#[cfg(test)]
+mod status_tests;
