@@ -175,15 +175,20 @@ async fn a_spool_that_makes_sled_panic_is_refused_by_inspect_and_moved_aside_by_
         panic.lines().take(2).collect::<Vec<_>>().join(" ")
     );
     std::fs::write(spool.join("blobs").join(&blob), b"").unwrap();
+    // sled's recovery writes before it panics (it zeroes the log past the point it
+    // recovered to), so a crashed open can leave a spool that the next open takes, with that
+    // tail lost. Each command below gets the panicking spool as made.
+    let pristine = dir.path().join("panicking");
+    copy_dir(&spool, &pristine);
 
     let config = dir.path().join("ferry.yaml");
     std::fs::write(&config, cfg.render()).unwrap();
     let inspect = ferry(&["spool", "inspect"], &config);
     assert_refused_clearly(&inspect, "inspect", &spool);
+    copy_dir(&pristine, &spool);
     let export = ferry(&["spool", "export", "--stream", "big0"], &config);
     assert_refused_clearly(&export, "export", &spool);
-    // Still the panicking spool (the probe's failed recovery did not repair it).
-    assert!(probe(&spool).status.signal().is_some());
+    copy_dir(&pristine, &spool);
 
     let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
     let mut agent = Agent::spawn(dir.path(), &cfg.render());
