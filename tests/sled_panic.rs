@@ -175,9 +175,7 @@ async fn a_spool_that_makes_sled_panic_is_refused_by_inspect_and_moved_aside_by_
         panic.lines().take(2).collect::<Vec<_>>().join(" ")
     );
     std::fs::write(spool.join("blobs").join(&blob), b"").unwrap();
-    // sled's recovery writes before it panics (it zeroes the log past the point it
-    // recovered to), so a crashed open can leave a spool that the next open takes, with that
-    // tail lost. Each command below gets the panicking spool as made.
+    // The panicking spool as made, for `ferry run` below: inspect's crashed probe changes it.
     let pristine = dir.path().join("panicking");
     copy_dir(&spool, &pristine);
 
@@ -185,9 +183,16 @@ async fn a_spool_that_makes_sled_panic_is_refused_by_inspect_and_moved_aside_by_
     std::fs::write(&config, cfg.render()).unwrap();
     let inspect = ferry(&["spool", "inspect"], &config);
     assert_refused_clearly(&inspect, "inspect", &spool);
-    copy_dir(&pristine, &spool);
+    // sled's recovery cut the log before it panicked, so sled might open the spool now, with
+    // that tail gone; the crash is remembered instead, and export refuses without probing.
+    assert!(spool.join(ferry::spool::probe::CRASHED).exists());
     let export = ferry(&["spool", "export", "--stream", "big0"], &config);
     assert_refused_clearly(&export, "export", &spool);
+    assert!(
+        text(&export.stderr).contains("crashed while opening it before"),
+        "{}",
+        text(&export.stderr)
+    );
     copy_dir(&pristine, &spool);
 
     let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
