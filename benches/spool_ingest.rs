@@ -1,24 +1,32 @@
-//! Durable ingest: records/s committed into the ferry spool vs raw sled, one key per record.
+//! Durable ingest: records/s committed into the ferry spool, and what its durability costs.
 //!
-//! Both sides do what the spool writer does with a group: encode the records, write one sled
-//! batch, flush (fsync) it. ferry packs a group into chunks (`Spool::commit`, which also updates
-//! the per-stream counters in the same batch); the baseline stores every record under its own
-//! big-endian u64 key with the same postcard encoding. Same process, same record count, same
-//! sled settings (`cache_capacity`, `flush_every_ms`), fresh temp dirs on the same filesystem,
-//! alternating order. Two group sizes: the default `flush_max_records` (a backlog or a fast
-//! collector) and a small group (a slow collector: each commit pays a full fsync).
+//! Every side does what the spool writer does with a group: encode the records, write one
+//! sled batch, flush it. Four sides in the same process, same records, same sled settings
+//! (`cache_capacity`, `flush_every_ms`), fresh temp dirs on the same filesystem, a different
+//! side first in each repetition:
+//! - ferry: `Spool::commit` (chunks and counters in one batch, sled's flush, an fdatasync of
+//!   sled's log: committed means it survives a power cut);
+//! - chunks, flush only: the same commits on raw sled (values packed to the spool's chunk
+//!   limits under its keys, plus three small metadata values) with sled's flush alone, which
+//!   is `sync_file_range` and survives SIGKILL but not a power cut. **ferry / this is the
+//!   cost of durability** (plus the spool's own bookkeeping);
+//! - chunks + fdatasync: the same plus the fdatasync, i.e. the fdatasync's cost alone;
+//! - per-record sled: one key per record, flush only (the original baseline).
 //!
-//! Run: `cargo bench --bench spool_ingest`. Knobs: `FERRY_BENCH_RECORDS` (large groups,
-//! default 200000), `FERRY_BENCH_SMALL_RECORDS` (default 50000), `FERRY_BENCH_SMALL_GROUP`
-//! (default 10), `FERRY_BENCH_REPS` (default 3), `FERRY_BENCH_DIR` (default the temp dir),
-//! `FERRY_BENCH_RAW_FDATASYNC=1` (the baseline also fdatasyncs sled's log per commit).
+//! Two group sizes: the default `flush_max_records` (a backlog or a fast collector) and a
+//! small group (a slow collector: each commit pays a whole sync).
+//!
+//! Run: `cargo bench --bench spool_ingest` (release) or `cargo bench --profile dev --bench
+//! spool_ingest`. Knobs: `FERRY_BENCH_RECORDS` (large groups, default 200000),
+//! `FERRY_BENCH_SMALL_RECORDS` (default 50000), `FERRY_BENCH_SMALL_GROUP` (default 10),
+//! `FERRY_BENCH_REPS` (default 3), `FERRY_BENCH_DIR` (default the temp dir; a real disk).
 
 mod common;
 
 use common::{dir_bytes, env_or, machine_header, median, sample_reading, scratch_base, tempdir};
 use ferry::record::Reading;
 use ferry::spool::{FullPolicy, SpoolSettings};
-use ferry::spool::{Intake, Spool, chunk};
+use ferry::spool::{Intake, Spool, chunk, keys};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -66,8 +74,38 @@ fn run_ferry(group: &[Intake], commits: u64) -> Run {
     }
 }
 
-/// The baseline: one key per record, one `apply_batch` + `flush` per group.
-fn run_raw(readings: &[Reading], commits: u64) -> Run {
+/// The baselines, raw sled in the same process.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// `Spool::commit`: sled batch, sled flush, fdatasync of sled's log.
+    Ferry,
+    /// The same commits without the fdatasync: the group packed into chunk values of the
+    /// spool's size limits under the spool's keys, with the same three small metadata values,
+    /// one `apply_batch` and one `flush` per group. What the spool did before a power cut had
+    /// to be survived.
+    Chunks,
+    /// [`Side::Chunks`] plus the fdatasync of sled's log the spool does: the fdatasync's cost
+    /// alone, without the rest of the spool.
+    ChunksSync,
+    /// One key per record, `apply_batch` + `flush` per group (the original baseline).
+    PerRecord,
+}
+
+impl Side {
+    const ALL: [Side; 4] = [Side::Ferry, Side::Chunks, Side::ChunksSync, Side::PerRecord];
+
+    fn label(self) -> &'static str {
+        match self {
+            Side::Ferry => "ferry",
+            Side::Chunks => "chunks, flush only",
+            Side::ChunksSync => "chunks + fdatasync",
+            Side::PerRecord => "per-record sled",
+        }
+    }
+}
+
+/// `commits` raw sled commits of `readings`, as `side` says.
+fn run_raw(side: Side, readings: &[Reading], commits: u64) -> Run {
     let dir = tempdir("ferry-bench-ingest-raw-");
     let s = settings(&dir.path().join("raw"));
     let db = sled::Config::new()
@@ -77,20 +115,56 @@ fn run_raw(readings: &[Reading], commits: u64) -> Run {
         .open()
         .expect("open sled");
     let tree = db.open_tree("raw").expect("open tree");
-    // FERRY_BENCH_RAW_FDATASYNC=1: the baseline also fdatasyncs sled's log after each flush,
-    // as the spool does since it must survive a power cut (sled's flush alone does not).
-    let log = (env_or("FERRY_BENCH_RAW_FDATASYNC", 0u64) == 1)
+    let log = (side == Side::ChunksSync)
         .then(|| std::fs::File::open(s.dir.join("db")).expect("open sled's log"));
     let mut key = 0u64;
-    let mut buf = Vec::with_capacity(256);
+    let mut buf = Vec::with_capacity(8 << 10);
+    let mut one = Vec::with_capacity(256);
+    let meta = [0x5au8; 64];
     let t = Instant::now();
     for _ in 0..commits {
         let mut batch = sled::Batch::default();
-        for r in readings {
+        let chunk = |batch: &mut sled::Batch, buf: &mut Vec<u8>, count: u32, key: &mut u64| {
+            let value = chunk::assemble(
+                chunk::Header {
+                    committed_ms: 0,
+                    first_seq: *key,
+                    count,
+                },
+                buf,
+            );
+            *key += 1;
+            batch.insert(&keys::chunk(1, *key), value);
             buf.clear();
-            chunk::encode_record(&mut buf, r.ts_ms, ferry::clock::ClockState::Synced, &r.body);
-            key += 1;
-            batch.insert(&key.to_be_bytes(), buf.as_slice());
+        };
+        let mut count = 0u32;
+        for r in readings {
+            if side == Side::PerRecord {
+                buf.clear();
+                chunk::encode_record(&mut buf, r.ts_ms, ferry::clock::ClockState::Synced, &r.body);
+                key += 1;
+                batch.insert(&key.to_be_bytes(), buf.as_slice());
+                continue;
+            }
+            one.clear();
+            chunk::encode_record(&mut one, r.ts_ms, ferry::clock::ClockState::Synced, &r.body);
+            if count > 0
+                && (chunk::HEADER_LEN + buf.len() + one.len() > s.chunk_max_bytes
+                    || count as usize == s.chunk_max_records)
+            {
+                chunk(&mut batch, &mut buf, count, &mut key);
+                count = 0;
+            }
+            buf.extend_from_slice(&one);
+            count += 1;
+        }
+        if count > 0 {
+            chunk(&mut batch, &mut buf, count, &mut key);
+        }
+        if side != Side::PerRecord {
+            batch.insert(&keys::stream(1), &meta[..]);
+            batch.insert(keys::GLOBAL, &meta[..]);
+            batch.insert(keys::COUNTERS, &meta[..]);
         }
         tree.apply_batch(batch).expect("apply_batch");
         tree.flush().expect("flush");
@@ -99,12 +173,7 @@ fn run_raw(readings: &[Reading], commits: u64) -> Run {
         }
     }
     let elapsed = t.elapsed();
-    let last = tree.last().expect("read").map(|(k, _)| k.to_vec());
-    assert_eq!(
-        last.as_deref(),
-        Some(&key.to_be_bytes()[..]),
-        "every record stored"
-    );
+    assert!(tree.last().expect("read").is_some(), "records stored");
     drop(tree);
     drop(db);
     Run {
@@ -116,8 +185,44 @@ fn run_raw(readings: &[Reading], commits: u64) -> Run {
 struct Row {
     group: usize,
     records: u64,
-    ferry: Vec<Run>,
-    raw: Vec<Run>,
+    runs: Vec<(Side, Run)>,
+}
+
+impl Row {
+    fn rate(&self, side: Side) -> f64 {
+        median(
+            &self
+                .runs
+                .iter()
+                .filter(|(s, _)| *s == side)
+                .map(|(_, r)| r.rate(self.records))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn disk_mb(&self, side: Side) -> f64 {
+        median(
+            &self
+                .runs
+                .iter()
+                .filter(|(s, _)| *s == side)
+                .map(|(_, r)| r.disk_bytes as f64 / 1e6)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Median ms per commit of `side`.
+    fn commit_ms(&self, side: Side) -> f64 {
+        let commits = (self.records / self.group as u64) as f64;
+        median(
+            &self
+                .runs
+                .iter()
+                .filter(|(s, _)| *s == side)
+                .map(|(_, r)| r.elapsed.as_secs_f64() * 1000.0 / commits)
+                .collect::<Vec<_>>(),
+        )
+    }
 }
 
 fn measure(group_size: usize, records: u64, reps: usize) -> Row {
@@ -131,31 +236,24 @@ fn measure(group_size: usize, records: u64, reps: usize) -> Row {
     let mut row = Row {
         group: group_size,
         records,
-        ferry: Vec::new(),
-        raw: Vec::new(),
+        runs: Vec::new(),
     };
     for rep in 0..reps {
-        let ferry_first = rep % 2 == 0;
-        for side in 0..2 {
-            if (side == 0) == ferry_first {
-                let r = run_ferry(&group, commits);
-                println!(
-                    "  group {group_size:>5}  rep {}  ferry     {:>10.0} rec/s  ({:.2} s)",
-                    rep + 1,
-                    r.rate(records),
-                    r.elapsed.as_secs_f64()
-                );
-                row.ferry.push(r);
-            } else {
-                let r = run_raw(&readings, commits);
-                println!(
-                    "  group {group_size:>5}  rep {}  raw sled  {:>10.0} rec/s  ({:.2} s)",
-                    rep + 1,
-                    r.rate(records),
-                    r.elapsed.as_secs_f64()
-                );
-                row.raw.push(r);
-            }
+        // A different side goes first in each repetition.
+        for k in 0..Side::ALL.len() {
+            let side = Side::ALL[(rep + k) % Side::ALL.len()];
+            let r = match side {
+                Side::Ferry => run_ferry(&group, commits),
+                _ => run_raw(side, &readings, commits),
+            };
+            println!(
+                "  group {group_size:>5}  rep {}  {:<20} {:>10.0} rec/s  ({:.2} s)",
+                rep + 1,
+                side.label(),
+                r.rate(records),
+                r.elapsed.as_secs_f64()
+            );
+            row.runs.push((side, r));
         }
     }
     row
@@ -180,7 +278,7 @@ fn main() {
     );
 
     println!(
-        "spool_ingest: durable ingest, ferry spool (Spool::commit) vs raw sled, one key per record"
+        "spool_ingest: durable ingest, ferry spool (Spool::commit) vs the same commits on raw sled without fdatasync, with it, and one key per record"
     );
     println!("{}", machine_header());
     println!(
@@ -194,67 +292,51 @@ fn main() {
         measure(small_group, small_records, reps),
     ];
 
-    let mb = |b: u64| b as f64 / 1e6;
     println!();
     println!(
-        "{:>6} {:>8} {:>15} {:>15} {:>10} {:>11} {:>11}",
-        "group", "records", "ferry rec/s", "raw rec/s", "ferry/raw", "ferry disk", "raw disk"
+        "{:>6} {:>8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9}",
+        "group",
+        "records",
+        "ferry rec/s",
+        "flush-only",
+        "+fdatasync",
+        "per-record",
+        "ferry/flush",
+        "sync/flush",
+        "ferry MB",
+        "chunks MB"
     );
     for row in &rows {
-        let ferry = median(
-            &row.ferry
-                .iter()
-                .map(|r| r.rate(row.records))
-                .collect::<Vec<_>>(),
-        );
-        let raw = median(
-            &row.raw
-                .iter()
-                .map(|r| r.rate(row.records))
-                .collect::<Vec<_>>(),
-        );
-        let fd = median(
-            &row.ferry
-                .iter()
-                .map(|r| mb(r.disk_bytes))
-                .collect::<Vec<_>>(),
-        );
-        let rd = median(&row.raw.iter().map(|r| mb(r.disk_bytes)).collect::<Vec<_>>());
+        let ferry = row.rate(Side::Ferry);
+        let flush = row.rate(Side::Chunks);
+        let sync = row.rate(Side::ChunksSync);
         println!(
-            "{:>6} {:>8} {:>15.0} {:>15.0} {:>9.2}x {:>8.1} MB {:>8.1} MB",
+            "{:>6} {:>8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>11.2}x {:>8.2}x {:>9.1} {:>9.1}",
             row.group,
             row.records,
             ferry,
-            raw,
-            ferry / raw,
-            fd,
-            rd
+            flush,
+            sync,
+            row.rate(Side::PerRecord),
+            ferry / flush,
+            sync / flush,
+            row.disk_mb(Side::Ferry),
+            row.disk_mb(Side::Chunks),
         );
     }
-    let rate = |row: &Row| {
-        median(
-            &row.ferry
-                .iter()
-                .map(|r| r.rate(row.records))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let commit_ms = |row: &Row| {
-        median(
-            &row.ferry
-                .iter()
-                .map(|r| r.elapsed.as_secs_f64() * 1000.0 / (row.records / row.group as u64) as f64)
-                .collect::<Vec<_>>(),
-        )
-    };
     println!();
-    println!(
-        "durability cost: ferry at {} records/commit ingests {:.3}x the records/s it does at 1000 \
-         (median {:.2} ms per commit vs {:.2} ms)",
-        rows[1].group,
-        rate(&rows[1]) / rate(&rows[0]),
-        commit_ms(&rows[1]),
-        commit_ms(&rows[0]),
-    );
+    for row in &rows {
+        println!(
+            "cost of durability at {} records/commit: ferry ingests {:.2}x the records/s of the \
+             same commits without fdatasync ({:.2}x vs per-record sled); median ms per commit: \
+             ferry {:.3}, flush only {:.3}, with fdatasync {:.3}",
+            row.group,
+            row.rate(Side::Ferry) / row.rate(Side::Chunks),
+            row.rate(Side::Ferry) / row.rate(Side::PerRecord),
+            row.commit_ms(Side::Ferry),
+            row.commit_ms(Side::Chunks),
+            row.commit_ms(Side::ChunksSync),
+        );
+    }
     println!("medians of {reps}; ratios are within this run (the machine is shared and noisy)");
 }

@@ -268,3 +268,112 @@ async fn a_corrupt_spool_is_moved_aside_reported_and_ferry_continues() {
     assert!(aside, "the corrupt spool was not kept for forensics");
     assert!(agent.terminate().success());
 }
+
+/// Reads `log` from `from` until `needle` appears in what was appended, polling every 200 µs
+/// for up to `timeout`; returns whether it appeared and the new end.
+fn watch_log(log: &Path, from: u64, needle: &str, timeout: Duration) -> (bool, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    let deadline = std::time::Instant::now() + timeout;
+    let mut f = std::fs::File::open(log).unwrap();
+    let mut seen = Vec::new();
+    let mut at = from;
+    while std::time::Instant::now() < deadline {
+        f.seek(SeekFrom::Start(at)).unwrap();
+        let n = f.read_to_end(&mut seen).unwrap() as u64;
+        at += n;
+        if n > 0 && String::from_utf8_lossy(&seen).contains(needle) {
+            return (true, at);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    (false, at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_right_after_the_corrupt_spool_was_moved_aside_loses_no_report_and_reuses_no_seq()
+{
+    let broker = Broker::start(BrokerOpts::default());
+    let sub = Subscriber::start(broker.plain_port(), "ferry/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig::new(dir.path(), broker.agent_port());
+    let mut agent = Agent::spawn(dir.path(), &cfg.render());
+    assert!(sub.wait_for_seq("system", 3, Duration::from_secs(15)).await);
+    assert!(agent.terminate().success());
+    let log = dir.path().join("ferry.log");
+    let seq_file = dir.path().join("spool.seq");
+    // Up to 5 tries for the kill to land before the fresh spool committed the loss record
+    // (the reservation file then still lists the quarantine); every try checks the outcome.
+    let mut landed_before_report = 0;
+    let mut tries = 0;
+    while tries < 5 && landed_before_report == 0 {
+        tries += 1;
+        let old_max = *sub.unique_seqs("system").last().unwrap();
+        let reports_before = corrupt_reports(&sub).len();
+        let db = cfg.spool_dir.join("db");
+        let len = std::fs::metadata(&db).unwrap().len() as usize;
+        std::fs::write(&db, vec![0xa5; len]).unwrap();
+        let from = std::fs::metadata(&log).unwrap().len();
+        agent.start_again();
+        let (moved, _) = watch_log(&log, from, "moved aside", Duration::from_secs(30));
+        assert!(moved, "{}", agent.log());
+        agent.kill9();
+        let seq: Value = serde_json::from_slice(&std::fs::read(&seq_file).unwrap()).unwrap();
+        let pending = seq["unreported"].as_array().map_or(0, Vec::len);
+        // What the fresh spool holds on ferry.loss (nothing, if it was not created yet).
+        let out = ferry(
+            &["spool", "export", "--stream", "ferry.loss"],
+            agent.config_path(),
+        );
+        let committed = text(&out.stdout).matches("spool_corrupt").count();
+        landed_before_report += u32::from(pending > 0 && committed == 0);
+        eprintln!(
+            "try {tries}: SIGKILL after 'moved aside'; quarantines noted as unreported: {pending}, spool_corrupt records in the fresh spool: {committed} (export: {:?})",
+            out.status.code()
+        );
+
+        agent.start_again();
+        assert!(
+            sub.wait_until(Duration::from_secs(15), |s| corrupt_reports(s).len()
+                > reports_before)
+                .await,
+            "the quarantine was not reported after the SIGKILL\n{}",
+            agent.log()
+        );
+        assert!(
+            sub.wait_until(Duration::from_secs(15), |s| s
+                .unique_seqs("system")
+                .iter()
+                .any(|q| *q > old_max))
+                .await,
+            "sampling did not continue\n{}",
+            agent.log()
+        );
+        // Nothing between the old seqs and the new ones: no seq of the fresh spool is at or
+        // below one the old spool handed out.
+        let new: Vec<u64> = sub
+            .unique_seqs("system")
+            .into_iter()
+            .filter(|q| *q > old_max)
+            .collect();
+        assert!(new[0] > old_max + 1000, "{new:?} after {old_max}");
+        let moved_to: Vec<String> = corrupt_reports(&sub)[reports_before..]
+            .iter()
+            .map(|l| l["fields"]["quarantined"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            moved_to.iter().all(|m| Path::new(m).exists()),
+            "{moved_to:?}"
+        );
+        assert!(agent.terminate().success());
+    }
+    eprintln!(
+        "{landed_before_report} of {tries} kills landed before the loss record was committed"
+    );
+}
+
+fn corrupt_reports(s: &Subscriber) -> Vec<Value> {
+    s.records("ferry.loss")
+        .into_iter()
+        .filter(|l| l["fields"]["reason"] == "spool_corrupt")
+        .collect()
+}

@@ -2,13 +2,30 @@
 //! command runs at most once even when the broker redelivers it (QoS 1 retransmission, a crash
 //! before the PUBACK, a reconnect).
 //!
-//! An entry is written as `accepted` and flushed *before* the command is acknowledged to the
-//! broker and run; it becomes `done` with the final reply afterwards. An entry still `accepted`
-//! at start means ferry stopped while the command ran: it is not run again. Bounded by count
-//! and age; the oldest entries go first.
+//! An entry is written as `accepted` and made durable *before* the command is acknowledged to
+//! the broker and run; it becomes `done` with the final reply afterwards, also durably. An
+//! entry still `accepted` at start means ferry stopped while the command ran: it is not run
+//! again. Bounded by count and age; the oldest entries go first.
+//!
+//! Durable means the spool's sync ([`Durable`]): sled's flush plus an fdatasync of its log.
+//! sled's flush alone is `sync_file_range`, which survives SIGKILL but not a power cut: an
+//! `accepted` entry lost with the power would let the broker's redelivery run the command a
+//! second time.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// Makes everything written to the ledger's database so far survive a power cut; the
+/// spool's [`Spool::flush`](crate::spool::Spool::flush) in the agent.
+pub type Durable = Box<dyn Fn() -> Result<(), crate::spool::SpoolError> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("{0}")]
+    Sled(#[from] sled::Error),
+    #[error("cannot make the ledger durable: {0}")]
+    Sync(#[from] crate::spool::SpoolError),
+}
 
 const ENTRY: &[u8] = b"c/";
 const ORDER: &[u8] = b"t/";
@@ -22,6 +39,7 @@ pub struct Entry {
 
 pub struct Ledger {
     tree: sled::Tree,
+    durable: Durable,
     max_entries: usize,
     max_age: Duration,
 }
@@ -35,9 +53,15 @@ fn order_key(ms: u64, id: &str) -> Vec<u8> {
 }
 
 impl Ledger {
-    pub fn new(tree: sled::Tree, max_entries: usize, max_age: Duration) -> Ledger {
+    pub fn new(
+        tree: sled::Tree,
+        durable: Durable,
+        max_entries: usize,
+        max_age: Duration,
+    ) -> Ledger {
         Ledger {
             tree,
+            durable,
             max_entries,
             max_age,
         }
@@ -50,8 +74,9 @@ impl Ledger {
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
-    /// Records a command as accepted and flushes, so it survives a crash.
-    pub fn accept(&self, id: &str, now_ms: u64) -> Result<(), sled::Error> {
+    /// Records a command as accepted; returns once that is durable (also against a power
+    /// cut). The command may run only after `Ok`.
+    pub fn accept(&self, id: &str, now_ms: u64) -> Result<(), LedgerError> {
         self.prune(now_ms)?;
         let entry = Entry {
             received_ms: now_ms,
@@ -64,12 +89,12 @@ impl Ledger {
         );
         b.insert(order_key(now_ms, id), id.as_bytes());
         self.tree.apply_batch(b)?;
-        self.tree.flush()?;
+        (self.durable)()?;
         Ok(())
     }
 
-    /// Stores the final reply of a command.
-    pub fn finish(&self, id: &str, reply: &str) -> Result<(), sled::Error> {
+    /// Stores the final reply of a command, durably.
+    pub fn finish(&self, id: &str, reply: &str) -> Result<(), LedgerError> {
         let received_ms = self.get(id)?.map_or(0, |e| e.received_ms);
         let entry = Entry {
             received_ms,
@@ -79,7 +104,7 @@ impl Ledger {
             entry_key(id),
             serde_json::to_vec(&entry).expect("entry encodes"),
         )?;
-        self.tree.flush()?;
+        (self.durable)()?;
         Ok(())
     }
 
@@ -122,16 +147,77 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
 
     fn ledger(max: usize) -> (tempfile::TempDir, Ledger) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let l = Ledger::new(
             db.open_tree("commands").unwrap(),
+            Box::new(|| Ok(())),
             max,
             Duration::from_secs(60),
         );
         (dir, l)
+    }
+
+    /// A ledger whose durable sync is recorded: what the tree held for `id` at each sync, and
+    /// whether the sync fails.
+    fn watched(
+        fail: Arc<AtomicBool>,
+    ) -> (tempfile::TempDir, Ledger, Arc<Mutex<Vec<Option<Entry>>>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("commands").unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (t, s) = (tree.clone(), seen.clone());
+        let durable: Durable = Box::new(move || {
+            let entry = t
+                .get(entry_key("cmd-1"))
+                .unwrap()
+                .and_then(|v| serde_json::from_slice(&v).ok());
+            s.lock().unwrap().push(entry);
+            if fail.load(Ordering::SeqCst) {
+                return Err(crate::spool::SpoolError::Corrupt("sync failed".into()));
+            }
+            Ok(())
+        });
+        (
+            dir,
+            Ledger::new(tree, durable, 10, Duration::from_secs(60)),
+            seen,
+        )
+    }
+
+    #[test]
+    fn accept_returns_only_after_a_durable_sync_that_covers_the_entry() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let (_d, l, seen) = watched(fail.clone());
+        l.accept("cmd-1", 1000).unwrap();
+        // The sync ran inside accept, after the entry was written: when accept returns (and
+        // the command may run), the entry is on disk.
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Some(Entry {
+                received_ms: 1000,
+                reply: None
+            })]
+        );
+        l.finish("cmd-1", "{}").unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2, "finish syncs too");
+        assert_eq!(
+            seen.lock().unwrap()[1].as_ref().unwrap().reply.as_deref(),
+            Some("{}")
+        );
+    }
+
+    #[test]
+    fn an_accept_whose_sync_fails_is_an_error() {
+        let fail = Arc::new(AtomicBool::new(true));
+        let (_d, l, seen) = watched(fail);
+        assert!(matches!(l.accept("cmd-1", 1000), Err(LedgerError::Sync(_))));
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
     #[test]

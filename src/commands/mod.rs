@@ -173,6 +173,7 @@ impl CommandService {
     pub fn new(
         settings: CommandSettings,
         tree: sled::Tree,
+        durable: ledger::Durable,
         intake: mpsc::Sender<Intake>,
         control: Control,
         flush: Arc<Notify>,
@@ -194,7 +195,12 @@ impl CommandService {
         Ok(CommandService {
             shared: Arc::new(Shared {
                 intake,
-                ledger: Ledger::new(tree, settings.ledger_max_entries, settings.ledger_max_age),
+                ledger: Ledger::new(
+                    tree,
+                    durable,
+                    settings.ledger_max_entries,
+                    settings.ledger_max_age,
+                ),
             }),
             settings,
             keys,

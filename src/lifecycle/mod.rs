@@ -181,6 +181,11 @@ pub async fn run(config: Config, log: LogHandle) -> Result<(), RunError> {
         let service = CommandService::new(
             config.commands.clone(),
             spool.open_tree("commands")?,
+            // The ledger's entries are durable as commits are (fdatasync), before an action runs.
+            {
+                let spool = spool.clone();
+                Box::new(move || spool.flush())
+            },
             intake.clone(),
             control.clone(),
             uplink.flush_handle(),

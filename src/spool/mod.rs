@@ -26,8 +26,8 @@
 //! goes to a sled blob file, which the vendored sled fsyncs before its log can point at it.
 //!
 //! **Open.** The ferry binary first opens the spool in a child process ([`probe`]); a spool
-//! that sled cannot open, or that crashes the child, is moved aside, and a fresh one starts at
-//! the reservation with a `spool_corrupt` loss record.
+//! that sled cannot open, or that crashes the child (now or at any earlier open), is moved
+//! aside, and a fresh one starts at the reservation with a `spool_corrupt` loss record.
 //!
 //! **Read.** [`Spool::drain_batch`] hands out accepted chunks of one stream in the order of
 //! [`drain`] (lanes, weights, live-first) after the [`DrainState`] the uplink keeps per
@@ -180,3 +180,6 @@ mod tests;
 
 #[cfg(test)]
 mod power_tests;
+
+#[cfg(test)]
+mod status_tests;

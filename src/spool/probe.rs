@@ -10,6 +10,13 @@
 //! that reports an ordinary sled error (a lock held, a corruption sled detects) lets the open
 //! in this process find and report that error as before.
 //!
+//! A crashed open is not read-only: sled zeroes its log past the point it recovered to before
+//! it writes the snapshot that panics, so the next open may succeed with that tail gone, and
+//! sled would not say so. So a crash is remembered in the spool directory ([`CRASHED`], written
+//! and fsynced before `check` returns): every later `check` reports the spool as corrupt
+//! without probing it again, whichever command meets it next (`ferry run` moves it aside,
+//! `ferry spool inspect` refuses). Moving the spool aside takes the file with it.
+//!
 //! Cost: sled's recovery runs twice per start (once in the child). Only the open is probed;
 //! reads of pages later in the run are not.
 
@@ -26,6 +33,8 @@ pub const SUBCOMMAND: &str = "__probe-spool";
 pub const EXIT_SLED_ERROR: i32 = 3;
 /// Most of the child's stderr kept for the error message.
 const STDERR_KEEP_BYTES: usize = 2048;
+/// In the spool directory once sled crashed opening it: the error, for the next open.
+pub const CRASHED: &str = "sled-crashed";
 
 static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
 
@@ -39,6 +48,12 @@ pub fn enable(program: PathBuf) {
 /// spool is to be treated as corrupt); `None` when it opened, when sled reported an error
 /// (the caller's own open reports it), or when there is nothing to probe.
 pub fn check(dir: &Path) -> Result<Option<SpoolError>, SpoolError> {
+    if let Ok(earlier) = std::fs::read_to_string(dir.join(CRASHED)) {
+        return Ok(Some(SpoolError::Corrupt(format!(
+            "sled crashed while opening it before (its recovery may have cut the log since): {}",
+            earlier.trim()
+        ))));
+    }
     let Some(program) = PROGRAM.get() else {
         return Ok(None);
     };
@@ -84,9 +99,21 @@ pub fn check(dir: &Path) -> Result<Option<SpoolError>, SpoolError> {
         .trim()
         .to_string();
     error!(dir = %dir.display(), %status, stderr = %tail, "sled crashed while opening the spool.");
-    Ok(Some(SpoolError::Corrupt(format!(
-        "sled crashed while opening it ({status}): {tail}"
-    ))))
+    let why = format!("sled crashed while opening it ({status}): {tail}");
+    if let Err(e) = remember(dir, &why) {
+        warn!(dir = %dir.display(), error = %e, "Cannot note in the spool that sled crashed opening it.");
+    }
+    Ok(Some(SpoolError::Corrupt(why)))
+}
+
+/// Writes [`CRASHED`] durably (file and directory fsynced).
+fn remember(dir: &Path, why: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(CRASHED);
+    let mut f = std::fs::File::create(&path)?;
+    f.write_all(why.as_bytes())?;
+    f.sync_all()?;
+    super::seqfile::sync_parent(&path)
 }
 
 /// What the child runs: open sled in `dir`, read the spool's metadata and its first and last

@@ -35,11 +35,6 @@ const CORRECT_BATCH_CHUNKS: usize = 64;
 /// How long `open` waits for sled's file lock before reporting that another process holds it.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Each stream's next seq, by stream id.
-fn next_seqs(metas: &BTreeMap<u32, StreamMeta>) -> BTreeMap<u32, u64> {
-    metas.iter().map(|(id, m)| (*id, m.next_seq)).collect()
-}
-
 fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
@@ -98,9 +93,8 @@ struct State {
     /// as committed and lost. `reported_gen` is the commit it came from, `applied_gen` the
     /// latest applied one (commits may finish their sync out of order).
     reported: Counters,
-    /// Each stream's next seq as of that same synced commit: `stats` reports these, so a seq
-    /// shows as taken only once the record holding it is on stable storage.
-    reported_next: BTreeMap<u32, u64>,
+    /// Each stream's next seq as of that same commit: what `stats` reports as `next_seq`.
+    reported_next: HashMap<u32, u64>,
     reported_gen: u64,
     applied_gen: u64,
     /// The durable seq reservation; raised before a commit persists a seq at or above it.
@@ -119,7 +113,7 @@ struct State {
 impl State {
     /// The commit of `generation`, whose counters are `counters`, is on stable storage: report
     /// them, unless a later commit's sync finished first.
-    fn synced(&mut self, generation: u64, counters: Counters, next: BTreeMap<u32, u64>) {
+    fn synced(&mut self, generation: u64, counters: Counters, next: HashMap<u32, u64>) {
         if generation > self.reported_gen {
             self.reported_gen = generation;
             self.reported = counters;
@@ -752,6 +746,7 @@ impl Spool {
             .map(|m| (m.name.clone(), m.next_seq))
             .collect();
         self.inner.tree.apply_batch(batch)?;
+        let next = next_seqs(&metas);
         state.metas = metas;
         state.ids = ids;
         state.global = global;
@@ -759,7 +754,6 @@ impl Spool {
         state.pending = pending;
         state.applied_gen += 1;
         let generation = state.applied_gen;
-        let next = next_seqs(&state.metas);
         let readable = global.next_chunk_id;
         drop(state);
 
@@ -1223,13 +1217,13 @@ impl Spool {
         let next_seq = metas.values().map(|m| m.next_seq).max().unwrap_or(0);
         state.seq.reserve_below(next_seq)?;
         self.inner.tree.apply_batch(batch)?;
+        let next = next_seqs(&metas);
         state.metas = metas;
         state.ids = ids;
         state.global = global;
         state.counters = counters.clone();
         state.applied_gen += 1;
         let generation = state.applied_gen;
-        let next = next_seqs(&state.metas);
         drop(state);
         self.sync()?;
         self.lock().synced(generation, counters, next);
@@ -1302,14 +1296,14 @@ impl Spool {
 
     pub fn stats(&self) -> SpoolStats {
         let state = self.lock();
-        // A stream whose first commit is not yet synced is not shown.
         let streams: Vec<StreamStats> = state
             .metas
             .iter()
-            .filter_map(|(id, m)| Some((m, *state.reported_next.get(id)?)))
-            .map(|(m, next_seq)| StreamStats {
+            .map(|(id, m)| StreamStats {
                 name: m.name.clone(),
-                next_seq,
+                // As of the latest synced commit: a seq reported as taken is on disk.
+                next_seq: (state.reported_next.get(id).copied())
+                    .unwrap_or(state.global.seq_floor.max(1)),
                 records: m.records,
                 bytes: m.bytes,
                 chunks: m.chunks,
@@ -1631,6 +1625,11 @@ fn same_meta(a: &StreamMeta, b: &StreamMeta) -> bool {
         && a.chunks == b.chunks
         && a.evicted == b.evicted
         && a.name == b.name
+}
+
+/// Each stream's next seq, by stream id.
+fn next_seqs(metas: &BTreeMap<u32, StreamMeta>) -> HashMap<u32, u64> {
+    metas.iter().map(|(id, m)| (*id, m.next_seq)).collect()
 }
 
 fn stream_id(
