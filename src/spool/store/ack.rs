@@ -27,7 +27,7 @@ impl Spool {
         let mut changed: Vec<(u32, StreamMeta)> = Vec::new();
         let mut removed = 0;
         for (stream_id, chunk_ids) in acked {
-            let Some(mut meta) = state.metas.get(stream_id).cloned() else {
+            let Some(mut meta) = state.tables.metas.get(stream_id).cloned() else {
                 continue;
             };
             let before = removed;
@@ -60,7 +60,7 @@ impl Spool {
             return Ok(0);
         }
         self.inner.tree.apply_batch(batch)?;
-        state.metas.extend(changed);
+        state.tables.metas.extend(changed);
         Ok(removed)
     }
 }

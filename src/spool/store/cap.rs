@@ -16,7 +16,7 @@
 //!   that fails the commit.
 
 use super::pack::NewChunk;
-use super::{Draft, Spool, StreamMeta};
+use super::{Spool, StreamMeta, Tables};
 use crate::loss::{Loss, LossReason};
 use crate::record::LOSS_STREAM;
 use crate::spool::badchunk::{self, StreamView};
@@ -77,7 +77,7 @@ impl Spool {
     /// do not fit; adjusts the draft's metadata and returns what it dropped.
     pub(super) fn enforce_cap(
         &self,
-        draft: &mut Draft,
+        draft: &mut Tables,
         new_chunks: &mut Vec<NewChunk>,
         batch: &mut sled::Batch,
     ) -> Result<Capped, SpoolError> {

@@ -17,7 +17,7 @@
 
 use super::cap;
 use super::pack::{self, NewChunk};
-use super::{Counters, Draft, Spool};
+use super::{Counters, Spool, Tables};
 use crate::clock::{Snapshot, now_ms};
 use crate::loss::Loss;
 use crate::record::{LOSS_STREAM, Reading};
@@ -78,7 +78,7 @@ impl Spool {
         // Write one batch, reserve its seqs, apply it; then sync and publish.
         pack::write(&mut batch, &new_chunks);
         write_positions(&mut batch, &checkpoints);
-        draft.write_meta(&state, &mut batch);
+        draft.write_meta(&state.tables, &mut batch);
         if !failures.is_empty() {
             let (key, generation) = state.failures.reported_marker();
             batch.insert(key, &generation[..]);
@@ -145,7 +145,7 @@ fn group_by_stream(group: &[Intake]) -> (ByStream<'_>, Vec<&Checkpoint>) {
 
 /// Assigns seqs to every stream's readings and encodes them into new chunks.
 fn pack_group(
-    draft: &mut Draft,
+    draft: &mut Tables,
     by_stream: &ByStream<'_>,
     committed_ms: u64,
     clock: &Snapshot,
@@ -177,7 +177,7 @@ fn pack_group(
 /// ranges held back while the spool stays full (`cap::hold_back`); failures of earlier groups
 /// (counted when they failed) go with it. Returns how many loss records were packed.
 fn report_losses(
-    draft: &mut Draft,
+    draft: &mut Tables,
     dropped: Vec<Loss>,
     failures: &[Loss],
     committed_ms: u64,
@@ -200,7 +200,7 @@ fn report_losses(
 /// spool's own `loss_records` are not a collector's readings), and the losses collectors
 /// reported as readings on the loss stream.
 fn advance_counters(
-    draft: &mut Draft,
+    draft: &mut Tables,
     summary: &mut CommitSummary,
     group: &[Intake],
     new_chunks: &[NewChunk],
@@ -230,7 +230,7 @@ fn write_positions(batch: &mut sled::Batch, checkpoints: &[&Checkpoint]) {
 }
 
 /// Every stream's next seq, for the reservation file once the commit is durable.
-fn stream_marks(draft: &Draft) -> Vec<(String, u64)> {
+fn stream_marks(draft: &Tables) -> Vec<(String, u64)> {
     draft
         .metas
         .values()

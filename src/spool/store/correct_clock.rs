@@ -102,7 +102,7 @@ impl Spool {
             }
             let value = chunk::assemble(h, &buf);
             let sid = u32::from_be_bytes(k[1..5].try_into().expect("chunk key has a stream id"));
-            if let Some(m) = state.metas.get(&sid) {
+            if let Some(m) = state.tables.metas.get(&sid) {
                 let m = changed.entry(sid).or_insert_with(|| m.clone());
                 m.bytes = m.bytes + value.len() as u64 - v.len() as u64;
             }
@@ -124,7 +124,7 @@ impl Spool {
                 batch.insert(&keys::stream(*sid), encode_meta(meta));
             }
             self.inner.tree.apply_batch(batch)?;
-            state.metas.extend(changed);
+            state.tables.metas.extend(changed);
         }
         Ok((corrected, next))
     }

@@ -31,8 +31,8 @@ impl Spool {
         let mut state = self.lock();
         for (stream, n) in &per_stream {
             let loss = Loss::new(stream, reason, *n);
-            state.counters.collected += n;
-            state.counters.count(&loss);
+            state.tables.counters.collected += n;
+            state.tables.counters.count(&loss);
             // Durable at once (the side file is fsynced below), so reported at once.
             state.reported.count(&loss);
         }

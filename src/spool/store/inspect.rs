@@ -65,6 +65,7 @@ impl Spool {
     pub fn stats(&self) -> SpoolStats {
         let state = self.lock();
         let streams: Vec<StreamStats> = state
+            .tables
             .metas
             .values()
             .map(|m| StreamStats {
@@ -78,11 +79,11 @@ impl Spool {
             .collect();
         SpoolStats {
             records: streams.iter().map(|s| s.records).sum(),
-            bytes: state.total_bytes(),
+            bytes: state.tables.total_bytes(),
             streams,
             // Committed and lost as of the latest synced commit; collected as offered.
             counters: Counters {
-                collected: state.counters.collected,
+                collected: state.tables.counters.collected,
                 ..state.reported.clone()
             },
         }
@@ -112,7 +113,12 @@ impl Spool {
     pub fn inspect(&self) -> Result<Vec<StreamReport>, SpoolError> {
         let metas: Vec<(u32, StreamMeta)> = {
             let state = self.lock();
-            state.metas.iter().map(|(id, m)| (*id, m.clone())).collect()
+            state
+                .tables
+                .metas
+                .iter()
+                .map(|(id, m)| (*id, m.clone()))
+                .collect()
         };
         let mut out = Vec::new();
         for (sid, m) in metas {
@@ -157,7 +163,7 @@ impl Spool {
         stream: &str,
         mut f: impl FnMut(&Record) -> bool,
     ) -> Result<u64, SpoolError> {
-        let Some(sid) = self.lock().ids.get(stream).copied() else {
+        let Some(sid) = self.lock().tables.ids.get(stream).copied() else {
             return Ok(0);
         };
         let mut n = 0;

@@ -3,9 +3,9 @@
 //! (`spawn_blocking`), never directly on an async worker.
 //!
 //! The files follow the headings of the spool's contract (`spool/mod.rs`):
-//! - this file: [`Spool`], its [`State`] and the persisted counters ([`StreamMeta`],
-//!   [`GlobalMeta`], [`Counters`]); a write's working copy ([`Draft`]) and the sync and publish
-//!   steps that end every write;
+//! - this file: [`Spool`], its [`State`], the persisted counters ([`StreamMeta`],
+//!   [`GlobalMeta`], [`Counters`]) in their [`Tables`], of which every write changes a copy
+//!   (its draft), and the sync and publish steps that end every write;
 //! - `open.rs` (**Open**): opening or creating sled, loading the state, the seq reservation;
 //! - `quarantine.rs` (**Open**): moving a corrupt spool aside and reporting it;
 //! - `commit.rs` (**Write**): a group's commit, cut into its steps;
@@ -22,7 +22,7 @@
 //!   the one mutex around [`State`], so a batch never races another for the same keys.
 //! - [`State`] changes only after its sled batch was applied ([`State::apply`]): the in-memory
 //!   counters always equal the persisted ones, and a failed batch changes nothing.
-//! - No seq reaches the tree before the durable reservation above it ([`Draft::reserve_seqs`]).
+//! - No seq reaches the tree before the durable reservation above it ([`Tables::reserve_seqs`]).
 //! - Flushes run outside the mutex; [`Inner::readable_below`] advances only after the sync
 //!   ([`Spool::publish`]), so readers see only flushed chunks.
 
@@ -93,8 +93,8 @@ impl Counters {
 }
 
 struct State {
-    /// Counters as applied to the tree (the base of the next commit).
-    counters: Counters,
+    /// What the tree holds, as of the latest applied batch (the base of the next write).
+    tables: Tables,
     /// Counters as of the latest commit known to be on stable storage: what `stats` reports
     /// as committed and lost. `reported_gen` is the commit it came from, `applied_gen` the
     /// latest applied one (commits may finish their sync out of order).
@@ -103,15 +103,9 @@ struct State {
     applied_gen: u64,
     /// The durable seq reservation; raised before a commit persists a seq at or above it.
     seq: SeqFile,
-    ids: HashMap<String, u32>,
-    metas: BTreeMap<u32, StreamMeta>,
-    global: GlobalMeta,
     /// Readings that could not be committed (disk full, storage error), per stream; durable in
     /// a side file and reported on the loss stream by the next commit that succeeds.
     failures: Unreported,
-    /// `drop_newest` losses held back while the spool stays full, one range per stream,
-    /// extended in place (persisted under [`keys::PENDING_LOSSES`]).
-    pending: Vec<Loss>,
 }
 
 impl State {
@@ -124,39 +118,28 @@ impl State {
         }
     }
 
-    fn total_bytes(&self) -> u64 {
-        self.metas.values().map(|m| m.bytes).sum()
+    /// A working copy of the tables for one write (its draft).
+    fn draft(&self) -> Tables {
+        self.tables.clone()
     }
 
-    /// A working copy for one write.
-    fn draft(&self) -> Draft {
-        Draft {
-            metas: self.metas.clone(),
-            ids: self.ids.clone(),
-            global: self.global,
-            counters: self.counters.clone(),
-            pending: self.pending.clone(),
-        }
-    }
-
-    /// Takes `draft` as the state, once its batch was applied to the tree; returns the write's
-    /// generation (for [`State::synced`]).
-    fn apply(&mut self, draft: Draft) -> u64 {
-        self.metas = draft.metas;
-        self.ids = draft.ids;
-        self.global = draft.global;
-        self.counters = draft.counters;
-        self.pending = draft.pending;
+    /// Takes a write's draft as the tables, once its batch was applied to the tree; returns
+    /// the write's generation (for [`State::synced`]).
+    fn apply(&mut self, draft: Tables) -> u64 {
+        self.tables = draft;
         self.applied_gen += 1;
         self.applied_gen
     }
 }
 
-/// The state as one write changes it: stream metadata (new streams, seqs assigned, chunks
-/// added or removed), global ids and counters, held-back losses. Written into the write's
-/// batch by [`Draft::write_meta`], and taken as the state by [`State::apply`] only once the
-/// batch was applied.
-struct Draft {
+/// The streams' metadata and ids, the global ids, the counters (as applied to the tree) and
+/// the `drop_newest` losses held back while the spool stays full, one range per stream,
+/// extended in place (persisted under [`keys::PENDING_LOSSES`]). A write changes a copy (its
+/// draft: new streams, seqs assigned, chunks added or removed), written into the write's batch
+/// by [`Tables::write_meta`] and taken as the state by [`State::apply`] only once the batch
+/// was applied.
+#[derive(Clone)]
+struct Tables {
     metas: BTreeMap<u32, StreamMeta>,
     ids: HashMap<String, u32>,
     global: GlobalMeta,
@@ -164,7 +147,11 @@ struct Draft {
     pending: Vec<Loss>,
 }
 
-impl Draft {
+impl Tables {
+    fn total_bytes(&self) -> u64 {
+        self.metas.values().map(|m| m.bytes).sum()
+    }
+
     /// The id of `stream`, creating the stream (starting at the seq floor) if it is new.
     fn stream_id(&mut self, stream: &str) -> u32 {
         if let Some(id) = self.ids.get(stream) {
@@ -186,7 +173,7 @@ impl Draft {
 
     /// Writes what changed against `old` into `batch`: the metadata of streams that changed,
     /// the counters and global ids, and the held-back losses if they changed.
-    fn write_meta(&self, old: &State, batch: &mut sled::Batch) {
+    fn write_meta(&self, old: &Tables, batch: &mut sled::Batch) {
         for (sid, meta) in &self.metas {
             if old.metas.get(sid) != Some(meta) {
                 batch.insert(&keys::stream(*sid), encode_meta(meta));
@@ -271,6 +258,7 @@ impl Spool {
     fn streams_with_data(&self) -> Vec<(u32, String)> {
         let state = self.lock();
         state
+            .tables
             .metas
             .iter()
             .filter(|(_, m)| m.chunks > 0)

@@ -15,7 +15,9 @@
 //! - Loss reports that waited (held-back `spool_full` ranges, failures in the side file) are
 //!   loaded with the counters, so the next commit writes them.
 
-use super::{Counters, GlobalMeta, Inner, Spool, State, StreamMeta, decode_meta, encode_meta};
+use super::{
+    Counters, GlobalMeta, Inner, Spool, State, StreamMeta, Tables, decode_meta, encode_meta,
+};
 use crate::clock::{SystemClock, now_ms};
 use crate::loss::Loss;
 use crate::spool::seqfile::{SeqFile, SeqFileError, sync_parent};
@@ -107,13 +109,15 @@ impl Spool {
                     reported: counters.clone(),
                     reported_gen: 0,
                     applied_gen: 0,
-                    counters,
+                    tables: Tables {
+                        metas,
+                        ids,
+                        global,
+                        counters,
+                        pending,
+                    },
                     seq,
-                    ids,
-                    metas,
-                    global,
                     failures,
-                    pending,
                 }),
                 committed,
                 clock: std::sync::RwLock::new(Arc::new(SystemClock::new(

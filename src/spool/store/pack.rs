@@ -12,7 +12,7 @@
 //! - The stream's counters (records, bytes, chunks) grow with every chunk packed, in the
 //!   caller's draft: they hold the new chunks until the cap or the batch says otherwise.
 
-use super::{Draft, GlobalMeta, StreamMeta};
+use super::{GlobalMeta, StreamMeta, Tables};
 use crate::clock::{ClockState, Snapshot};
 use crate::loss::Loss;
 use crate::record::{Body, COMMANDS_STREAM, LOSS_STREAM};
@@ -37,7 +37,7 @@ impl NewChunk {
 
 /// Packs loss reports into new chunks of the loss stream.
 pub(super) fn pack_losses(
-    draft: &mut Draft,
+    draft: &mut Tables,
     losses: &[Loss],
     committed_ms: u64,
     clock: &Snapshot,

@@ -276,7 +276,7 @@ impl Spool {
         let mut batch = sled::Batch::default();
         batch.remove(key);
         pack::write(&mut batch, &new_chunks);
-        draft.write_meta(&state, &mut batch);
+        draft.write_meta(&state.tables, &mut batch);
         // The loss record takes a seq: no seq reaches the tree before its reservation.
         draft.reserve_seqs(&mut state.seq)?;
         let (counters, readable) = (draft.counters.clone(), draft.global.next_chunk_id);
