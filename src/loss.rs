@@ -21,9 +21,10 @@ pub enum LossReason {
     Malformed,
     /// The line was longer than `max_line_bytes`; it was cut off and dropped.
     Oversized,
-    /// A program exited non-zero or by a signal, or could not be started (exec).
+    /// A program exited non-zero or by a signal, or could not be started (exec); a device's
+    /// link could not be opened or broke (modbus).
     Failed,
-    /// A program or a device did not answer in time (exec).
+    /// A program or a device did not answer in time (exec, modbus).
     Timeout,
     /// Output past a size cap was discarded (exec `max_output_bytes`).
     Truncated,
@@ -44,10 +45,13 @@ pub enum LossReason {
     /// Stored records whose chunk can never fit in one MQTT packet (`uplink.max_packet_bytes`,
     /// e.g. lowered after they were stored); `bytes` gives the message size.
     TooBigForPacket,
+    /// A Modbus device answered a read with an exception (illegal address, device busy...);
+    /// the sample names the request and the exception code.
+    ModbusException,
 }
 
 impl LossReason {
-    pub const ALL: [LossReason; 13] = [
+    pub const ALL: [LossReason; 14] = [
         LossReason::Malformed,
         LossReason::Oversized,
         LossReason::Failed,
@@ -61,6 +65,7 @@ impl LossReason {
         LossReason::SpoolCorrupt,
         LossReason::ExpiredCommand,
         LossReason::TooBigForPacket,
+        LossReason::ModbusException,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +83,7 @@ impl LossReason {
             LossReason::SpoolCorrupt => "spool_corrupt",
             LossReason::ExpiredCommand => "expired_command",
             LossReason::TooBigForPacket => "too_big_for_packet",
+            LossReason::ModbusException => "modbus_exception",
         }
     }
 

@@ -59,6 +59,7 @@ fn every_collector_example_in_the_docs_is_valid() {
                         },
                         ferry::collectors::CollectorConfig::Exec(_) => "exec",
                         ferry::collectors::CollectorConfig::Listen(_) => "listen",
+                        ferry::collectors::CollectorConfig::Modbus(_) => "modbus",
                     };
                     kinds.push(kind);
                 }
@@ -74,6 +75,7 @@ fn every_collector_example_in_the_docs_is_valid() {
         "file/poll",
         "exec",
         "listen",
+        "modbus",
     ] {
         assert!(kinds.contains(&kind), "no example of {kind}");
     }

@@ -21,6 +21,8 @@ VM_MEM_MB=${VM_MEM_MB:-1536}
 # PID 1 of the guest; empty boots the image's systemd.
 VM_INIT=${VM_INIT-/sbin/ferry-vm-init}
 VM_PIDS=()
+# More qemu arguments for vm_start_qemu (e.g. a second serial port); set after sourcing.
+VM_QEMU_EXTRA=()
 
 vm_log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 vm_die() {
@@ -181,7 +183,7 @@ vm_start_qemu() {
         -append "root=/dev/vda ro console=ttyS0 loglevel=3 panic=-1 no_timer_check $append" \
         -drive "file=$VM_CACHE/rootfs.ext4,if=virtio,format=raw,snapshot=on" \
         -drive "file=nbd+unix:///?socket=$sock,if=virtio,format=raw,cache=writeback" \
-        </dev/null >"$serial.qemu" 2>&1 &
+        "${VM_QEMU_EXTRA[@]}" </dev/null >"$serial.qemu" 2>&1 &
     QEMU_PID=$!
     VM_PIDS+=("$QEMU_PID")
 }

@@ -2,7 +2,8 @@
 //!
 //! Kinds: [`system`] (host metrics), [`serial`] (lines from a serial port), [`file`] (tail a
 //! file, or poll small files), [`exec`] (a program's output, periodically), [`listen`] (lines
-//! pushed by local applications, confirmed once durable). Serial, file and
+//! pushed by local applications, confirmed once durable), [`modbus`] (registers polled from
+//! Modbus TCP or RTU devices). Serial, file and
 //! exec share [`lines`] (framing with a line-length cap) and [`parse`] (raw, json, kv, csv,
 //! regex, influx); every kind shares [`common`] (static tags, loss reports for unusable
 //! input). docs/COLLECTORS.md documents every option.
@@ -29,6 +30,7 @@ pub mod exec;
 pub mod file;
 pub mod lines;
 pub mod listen;
+pub mod modbus;
 pub mod parse;
 pub mod serial;
 pub mod supervisor;
@@ -251,6 +253,7 @@ collector_kinds! {
     "file" => File(file::FileConfig),
     "exec" => Exec(exec::ExecConfig),
     "listen" => Listen(listen::ListenConfig),
+    "modbus" => Modbus(modbus::ModbusConfig),
 }
 
 impl CollectorConfig {
@@ -383,6 +386,7 @@ mod tests {
             "type: file\nname: s\nmode: poll\npaths: [/sys/x]\n",
             "type: exec\nname: s\ncommand: /bin/true\n",
             "type: listen\nname: s\nsocket: /run/ferry/push.sock\n",
+            "type: modbus\nname: s\ntcp: {host: 127.0.0.1}\nregisters: [{field: v, function: holding, address: 0}]\n",
         ] {
             let yaml = format!("{kind}deadband: {{default: -1, heartbeat: 0}}\n");
             let c = CollectorConfig::from_yaml(serde_yaml::from_str(&yaml).unwrap()).unwrap();

@@ -16,6 +16,7 @@
 //!   benchmarks run it too, with its log lines timed).
 //! - [`drain`]: the end of a fault test: stop the agent, drain its spool, tally accepted seqs
 //!   against received ones.
+//! - [`modbus`]: a real Modbus device (pymodbus's server from a venv) over TCP or a pty.
 //! - [`proxy`]: a fault-injecting TCP proxy (cuts, blackhole, throttle, latency) to put between
 //!   the agent and the broker.
 //!
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod broker;
 pub mod counter;
 pub mod drain;
+pub mod modbus;
 pub mod pki;
 pub mod ports;
 pub mod proxy;

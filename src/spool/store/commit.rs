@@ -17,7 +17,7 @@
 
 use super::cap;
 use super::pack::{self, NewChunk};
-use super::{Counters, Spool, Tables};
+use super::{Spool, Synced, Tables};
 use crate::clock::{Snapshot, now_ms};
 use crate::loss::Loss;
 use crate::record::{LOSS_STREAM, Reading};
@@ -85,36 +85,28 @@ impl Spool {
         }
         let raised = draft.reserve_seqs(&mut state.seq)?;
         let marks = stream_marks(&draft);
-        let (counters, readable) = (draft.counters.clone(), draft.global.next_chunk_id);
+        let readable = draft.global.next_chunk_id;
         self.inner.tree.apply_batch(batch)?;
-        let generation = state.apply(draft);
+        let synced = state.apply(draft);
         drop(state);
         self.sync()?;
-        self.mark_synced(
-            generation,
-            counters,
-            &failures,
-            failures_collected,
-            marks,
-            raised,
-        );
+        self.mark_synced(synced, &failures, failures_collected, marks, raised);
         self.publish(readable);
         Ok(summary)
     }
 
-    /// The commit of `generation` is durable: report its counters, clear the failures it
-    /// wrote, and mark its streams' next seqs in the reservation file.
+    /// The commit is durable: report its counters and next seqs, clear the failures it wrote,
+    /// and mark its streams' next seqs in the reservation file.
     fn mark_synced(
         &self,
-        generation: u64,
-        counters: Counters,
+        synced: Synced,
         failures: &[Loss],
         failures_collected: u64,
         marks: Vec<(String, u64)>,
         raised: bool,
     ) {
         let mut state = self.lock();
-        state.synced(generation, counters);
+        state.synced(synced);
         if !failures.is_empty() {
             state.failures.reported(failures, failures_collected);
         }

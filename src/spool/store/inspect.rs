@@ -64,13 +64,15 @@ impl Spool {
 
     pub fn stats(&self) -> SpoolStats {
         let state = self.lock();
+        // A stream whose first commit is not yet synced is not shown.
         let streams: Vec<StreamStats> = state
             .tables
             .metas
-            .values()
-            .map(|m| StreamStats {
+            .iter()
+            .filter_map(|(id, m)| Some((m, *state.reported_next.get(id)?)))
+            .map(|(m, next_seq)| StreamStats {
                 name: m.name.clone(),
-                next_seq: m.next_seq,
+                next_seq,
                 records: m.records,
                 bytes: m.bytes,
                 chunks: m.chunks,

@@ -99,6 +99,9 @@ struct State {
     /// as committed and lost. `reported_gen` is the commit it came from, `applied_gen` the
     /// latest applied one (commits may finish their sync out of order).
     reported: Counters,
+    /// Each stream's next seq as of that same synced commit: `stats` reports these, so a seq
+    /// shows as taken only once the record holding it is on stable storage.
+    reported_next: BTreeMap<u32, u64>,
     reported_gen: u64,
     applied_gen: u64,
     /// The durable seq reservation; raised before a commit persists a seq at or above it.
@@ -109,12 +112,13 @@ struct State {
 }
 
 impl State {
-    /// The commit of `generation`, whose counters are `counters`, is on stable storage: report
-    /// them, unless a later commit's sync finished first.
-    fn synced(&mut self, generation: u64, counters: Counters) {
-        if generation > self.reported_gen {
-            self.reported_gen = generation;
-            self.reported = counters;
+    /// The write of `synced.generation` is on stable storage: report its counters and next
+    /// seqs, unless a later write's sync finished first.
+    fn synced(&mut self, synced: Synced) {
+        if synced.generation > self.reported_gen {
+            self.reported_gen = synced.generation;
+            self.reported = synced.counters;
+            self.reported_next = synced.next;
         }
     }
 
@@ -124,12 +128,24 @@ impl State {
     }
 
     /// Takes a write's draft as the tables, once its batch was applied to the tree; returns
-    /// the write's generation (for [`State::synced`]).
-    fn apply(&mut self, draft: Tables) -> u64 {
+    /// what to report once the write is synced ([`State::synced`]).
+    fn apply(&mut self, draft: Tables) -> Synced {
         self.tables = draft;
         self.applied_gen += 1;
-        self.applied_gen
+        Synced {
+            generation: self.applied_gen,
+            counters: self.tables.counters.clone(),
+            next: self.tables.next_seqs(),
+        }
     }
+}
+
+/// What a write reports once its sync returned ([`State::synced`]): its generation, and the
+/// counters and each stream's next seq (by stream id) it applied.
+struct Synced {
+    generation: u64,
+    counters: Counters,
+    next: BTreeMap<u32, u64>,
 }
 
 /// The streams' metadata and ids, the global ids, the counters (as applied to the tree) and
@@ -148,6 +164,11 @@ struct Tables {
 }
 
 impl Tables {
+    /// Each stream's next seq, by stream id.
+    fn next_seqs(&self) -> BTreeMap<u32, u64> {
+        self.metas.iter().map(|(id, m)| (*id, m.next_seq)).collect()
+    }
+
     fn total_bytes(&self) -> u64 {
         self.metas.values().map(|m| m.bytes).sum()
     }

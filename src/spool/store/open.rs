@@ -107,6 +107,7 @@ impl Spool {
                 log,
                 state: Mutex::new(State {
                     reported: counters.clone(),
+                    reported_next: metas.iter().map(|(id, m)| (*id, m.next_seq)).collect(),
                     reported_gen: 0,
                     applied_gen: 0,
                     tables: Tables {

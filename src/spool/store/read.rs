@@ -279,12 +279,12 @@ impl Spool {
         draft.write_meta(&state.tables, &mut batch);
         // The loss record takes a seq: no seq reaches the tree before its reservation.
         draft.reserve_seqs(&mut state.seq)?;
-        let (counters, readable) = (draft.counters.clone(), draft.global.next_chunk_id);
+        let readable = draft.global.next_chunk_id;
         self.inner.tree.apply_batch(batch)?;
-        let generation = state.apply(draft);
+        let synced = state.apply(draft);
         drop(state);
         self.sync()?;
-        self.lock().synced(generation, counters);
+        self.lock().synced(synced);
         self.publish(readable);
         Ok(())
     }
