@@ -21,8 +21,8 @@
 mod common;
 
 use common::{
-    Count, Counter, Ferry, RssSampler, baseline, complete, dir_bytes, env_or, ferry_bin,
-    machine_header, median, proc_cpu, proc_io, proc_status_kb, suite, tempdir,
+    Count, Counter, RssSampler, baseline, complete, dir_bytes, env_or, ferry_bin, machine_header,
+    median, proc_cpu, proc_io, proc_status_kb, suite, tempdir,
 };
 use ferry::config::Config;
 use ferry::spool::Spool;
@@ -144,22 +144,21 @@ fn run_ferry(bin: &Path, port: u16, n: u64) -> Drain {
     let topics = Topics::new(&config.uplink.topic_prefix, &config.device_id);
     let counter = Counter::start(port, &topics.data("#"), n, DRAIN_TIMEOUT);
 
-    let mut ferry = Ferry::spawn(bin, &cfg_path);
+    let mut ferry = common::ferry(bin, &cfg_path);
     let pid = ferry.pid();
     let sampler = RssSampler::start(pid, Duration::from_millis(10));
-    let count = counter.wait_while(|| !ferry.guard.exited());
+    let count = counter.wait_while(|| ferry.is_running());
     let hwm_kb = proc_status_kb(pid, "VmHWM");
     let cpu = proc_cpu(pid);
     let disk_write = proc_io(pid, "write_bytes");
     let sampled_kb = sampler.finish();
-    let count = complete(count, n, "ferry", DRAIN_TIMEOUT, || ferry.log_text());
-    let start = ferry.started;
+    let count = complete(count, n, "ferry", DRAIN_TIMEOUT, || ferry.log());
+    let start = ferry.started();
     let since = |t: Option<Instant>| t.map(|t| t - start);
     let spool_opened = since(ferry.logged("Spool opened."));
     let connected = since(ferry.logged("Connected to the broker."));
 
-    ferry.guard.terminate(Duration::from_secs(15));
-    let clean = ferry.guard.child_mut().try_wait().ok().flatten();
+    let clean = ferry.terminate_within(Duration::from_secs(15));
     if let Some(status) = clean.filter(|s| !s.success()) {
         eprintln!("ferry exited with {status} after SIGTERM");
     }

@@ -25,7 +25,7 @@ mod common;
 use common::harness::proxy;
 use common::suite::{load, prefill, verdict, write_config};
 use common::{
-    Count, Counter, Ferry, baseline, complete, env_or, ferry_bin, machine_header, median, tempdir,
+    Count, Counter, baseline, complete, env_or, ferry_bin, machine_header, median, tempdir,
 };
 use ferry::config::Config;
 use ferry::spool::Spool;
@@ -121,18 +121,18 @@ fn run_ferry(bin: &Path, proxy: &Proxy, broker: u16, n: u64) -> Drain {
         proxy.bytes(Direction::Down),
         proxy.connections(),
     );
-    let mut ferry = Ferry::spawn(bin, &dir.path().join("ferry.yaml"));
-    let count = counter.wait_while(|| !ferry.guard.exited());
-    let count = complete(count, n, "ferry", DRAIN_TIMEOUT, || ferry.log_text());
+    let mut ferry = common::ferry(bin, &dir.path().join("ferry.yaml"));
+    let count = counter.wait_while(|| ferry.is_running());
+    let count = complete(count, n, "ferry", DRAIN_TIMEOUT, || ferry.log());
     let d = Drain {
-        wall: count.done.expect("complete") - ferry.started,
-        start: ferry.started,
+        wall: count.done.expect("complete") - ferry.started(),
+        start: ferry.started(),
         count,
         wire_up: proxy.bytes(Direction::Up) - up0,
         wire_down: proxy.bytes(Direction::Down) - down0,
         connections: proxy.connections() - conn0,
     };
-    ferry.guard.terminate(Duration::from_secs(30));
+    ferry.terminate_within(Duration::from_secs(30));
     let problems = ferry.problems();
     if !problems.is_empty() {
         eprintln!("ferry logged warnings:\n{}", problems.join("\n"));

@@ -31,9 +31,7 @@ mod common;
 use common::suite::{
     FirstMessage, dir_allocated_bytes, kb_as_mib, load, mb, prefill, verdict, write_config,
 };
-use common::{
-    Ferry, dir_bytes, env_or, ferry_bin, machine_header, median, proc_status_kb, tempdir,
-};
+use common::{dir_bytes, env_or, ferry_bin, machine_header, median, proc_status_kb, tempdir};
 use ferry::config::Config;
 use ferry::spool::Spool;
 use ferry::uplink::options::Topics;
@@ -155,12 +153,9 @@ fn ensure_data(config: &Config) -> u64 {
 fn crash(bin: &Path, cfg: &Path, config: &Config, port: u16) {
     let topics = Topics::new(&config.uplink.topic_prefix, &config.device_id);
     let sub = FirstMessage::start(port, &topics.data(STREAM), FIRST_TIMEOUT);
-    let ferry = Ferry::spawn(bin, cfg);
+    let ferry = common::ferry(bin, cfg);
     if let Err(e) = sub.wait() {
-        panic!(
-            "no first message before the crash: {e}\n{}",
-            ferry.log_text()
-        );
+        panic!("no first message before the crash: {e}\n{}", ferry.log());
     }
     std::thread::sleep(Duration::from_secs(1));
     drop(ferry); // SIGKILL
@@ -184,12 +179,12 @@ fn run(bin: &Path, cfg: &Path, config: &Config, port: u16, mode: Mode) -> Start 
     };
     let topics = Topics::new(&config.uplink.topic_prefix, &config.device_id);
     let sub = FirstMessage::start(port, &topics.data(STREAM), FIRST_TIMEOUT);
-    let mut ferry = Ferry::spawn(bin, cfg);
+    let mut ferry = common::ferry(bin, cfg);
     let got = sub.wait();
     let hwm_kb = proc_status_kb(ferry.pid(), "VmHWM");
     let (at, first_bytes) =
-        got.unwrap_or_else(|e| panic!("no first message: {e}\n{}", ferry.log_text()));
-    let start = ferry.started;
+        got.unwrap_or_else(|e| panic!("no first message: {e}\n{}", ferry.log()));
+    let start = ferry.started();
     let since = |t: Option<Instant>| t.map(|t| t - start);
     let s = Start {
         first: at - start,
@@ -201,7 +196,7 @@ fn run(bin: &Path, cfg: &Path, config: &Config, port: u16, mode: Mode) -> Start 
         records_before,
         cached,
     };
-    ferry.guard.terminate(Duration::from_secs(60));
+    ferry.terminate_within(Duration::from_secs(60));
     let problems = ferry.problems();
     if !problems.is_empty() {
         eprintln!("ferry logged warnings:\n{}", problems.join("\n"));

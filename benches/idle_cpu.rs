@@ -25,7 +25,7 @@
 mod common;
 
 use common::suite::{load, write_config};
-use common::{ChildGuard, Ferry, env_or, ferry_bin, free_port, machine_header, proc_cpu, tempdir};
+use common::{ChildGuard, env_or, ferry_bin, free_port, machine_header, proc_cpu, tempdir};
 use ferry::collectors::system::{Sampler, SystemConfig};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -86,8 +86,8 @@ fn main() {
     );
 
     let me = std::env::current_exe().expect("current_exe");
-    let mut off = Ferry::spawn(&bin, &cfg_off);
-    let mut on = Ferry::spawn(&bin, &cfg_on);
+    let mut off = common::ferry(&bin, &cfg_off);
+    let mut on = common::ferry(&bin, &cfg_on);
     let mut sampler =
         ChildGuard::spawn("sampler", quiet(Command::new(&me).env(ROLE_ENV, "sampler")))
             .expect("cannot re-execute the bench as the sampler");
@@ -108,24 +108,22 @@ fn main() {
     let end: Vec<_> = pids.iter().map(|(_, p)| proc_cpu(*p)).collect();
     let window = t1.elapsed().as_secs_f64();
     for f in [&mut off, &mut on] {
-        assert!(!f.guard.exited(), "ferry exited early:\n{}", f.log_text());
+        assert!(f.is_running(), "ferry exited early:\n{}", f.log());
     }
     assert!(!sampler.exited(), "the sampler exited early");
     let total: Vec<_> = pids.iter().map(|(_, p)| proc_cpu(*p)).collect();
     let alive = t0.elapsed().as_secs_f64();
-    off.guard.terminate(Duration::from_secs(15));
-    on.guard.terminate(Duration::from_secs(15));
+    off.terminate_within(Duration::from_secs(15));
+    on.terminate_within(Duration::from_secs(15));
     sampler.terminate(Duration::from_secs(1));
     sleep.terminate(Duration::from_secs(1));
-    for f in [&off, &on] {
-        let problems = f.problems();
-        // The unreachable one warns about every refused connect; only show the connected one's.
-        if f.pid() == on.pid() && !problems.is_empty() {
-            eprintln!(
-                "ferry (connected) logged warnings:\n{}",
-                problems.join("\n")
-            );
-        }
+    // The unreachable one warns about every refused connect; only show the connected one's.
+    let problems = on.problems();
+    if !problems.is_empty() {
+        eprintln!(
+            "ferry (connected) logged warnings:\n{}",
+            problems.join("\n")
+        );
     }
 
     let per_min: Vec<Option<f64>> = start

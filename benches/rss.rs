@@ -14,8 +14,7 @@
 mod common;
 
 use common::{
-    ChildGuard, Ferry, env_or, ferry_bin, free_port, machine_header, proc_cpu, proc_status_kb,
-    tempdir,
+    ChildGuard, env_or, ferry_bin, free_port, machine_header, proc_cpu, proc_status_kb, tempdir,
 };
 use ferry::spool::Spool;
 use std::process::{Command, Stdio};
@@ -81,7 +80,7 @@ fn main() {
         bin.display()
     );
 
-    let mut ferry = Ferry::spawn(&bin, &cfg);
+    let mut ferry = common::ferry(&bin, &cfg);
     let mut sleep = ChildGuard::spawn("sleep", quiet(Command::new("sleep").arg("3600")))
         .expect("cannot start sleep");
     let mut sub = ChildGuard::spawn(
@@ -103,11 +102,7 @@ fn main() {
         std::thread::sleep(
             (start + Duration::from_secs(s)).saturating_duration_since(Instant::now()),
         );
-        assert!(
-            !ferry.guard.exited(),
-            "ferry exited early:\n{}",
-            ferry.log_text()
-        );
+        assert!(ferry.is_running(), "ferry exited early:\n{}", ferry.log());
         if s == 1 || s % 5 == 0 || s == idle_s {
             trace.push(format!("{s}s {}", mb(proc_status_kb(ferry.pid(), "VmRSS"))));
         }
@@ -120,7 +115,7 @@ fn main() {
     ];
     assert!(!sub.exited(), "mosquitto_sub exited early");
 
-    ferry.guard.terminate(Duration::from_secs(15));
+    ferry.terminate_within(Duration::from_secs(15));
     sleep.terminate(Duration::from_secs(1));
     sub.terminate(Duration::from_secs(1));
     let spooled = Spool::open(&config.spool).map(|s| s.stats().records).ok();

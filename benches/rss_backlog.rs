@@ -22,7 +22,7 @@ mod common;
 
 use common::suite::{kb_as_mib, load, mb, prefill, verdict, write_config};
 use common::{
-    Counter, Ferry, RssSampler, dir_bytes, env_or, ferry_bin, free_port, machine_header, proc_cpu,
+    Counter, RssSampler, dir_bytes, env_or, ferry_bin, free_port, machine_header, proc_cpu,
     proc_status_kb, tempdir,
 };
 use ferry::spool::Spool;
@@ -102,8 +102,8 @@ fn main() {
         fill.0.as_secs_f64()
     );
 
-    let mut with = Ferry::spawn(&bin, &full_cfg);
-    let mut without = Ferry::spawn(&bin, &empty_cfg);
+    let mut with = common::ferry(&bin, &full_cfg);
+    let mut without = common::ferry(&bin, &empty_cfg);
     let start = Instant::now();
     let mut trace = Vec::new();
     for s in 1..=idle_s {
@@ -111,7 +111,7 @@ fn main() {
             (start + Duration::from_secs(s)).saturating_duration_since(Instant::now()),
         );
         for f in [&mut with, &mut without] {
-            assert!(!f.guard.exited(), "ferry exited early:\n{}", f.log_text());
+            assert!(f.is_running(), "ferry exited early:\n{}", f.log());
         }
         if s == 1 || s % 10 == 0 || s == idle_s {
             trace.push(format!(
@@ -125,7 +125,7 @@ fn main() {
     let idle_without = mem(without.pid());
     let opened = with
         .logged("Spool opened.")
-        .map(|t| (t - with.started).as_secs_f64());
+        .map(|t| (t - with.started()).as_secs_f64());
 
     let topics = Topics::new(&full.uplink.topic_prefix, &full.device_id);
     let cpu0 = proc_cpu(with.pid());
@@ -133,7 +133,7 @@ fn main() {
     let counter = Counter::start(port, &topics.data(STREAM), n, DRAIN_TIMEOUT);
     let sampler = RssSampler::start(with.pid(), Duration::from_millis(10));
     let t0 = Instant::now();
-    let count = counter.wait_while(|| !with.guard.exited());
+    let count = counter.wait_while(|| with.is_running());
     let drained = t0.elapsed();
     let drain_hwm = proc_status_kb(with.pid(), "VmHWM");
     let drain_rss = proc_status_kb(with.pid(), "VmRSS");
@@ -143,16 +143,16 @@ fn main() {
     };
     let sampled = sampler.finish();
     let still_idle = mem(without.pid());
-    let count = count.unwrap_or_else(|e| panic!("subscriber failed: {e}\n{}", with.log_text()));
+    let count = count.unwrap_or_else(|e| panic!("subscriber failed: {e}\n{}", with.log()));
     assert_eq!(
         count.distinct,
         n,
         "only {} of {n} records arrived\n{}",
         count.distinct,
-        with.log_text()
+        with.log()
     );
-    with.guard.terminate(Duration::from_secs(30));
-    without.guard.terminate(Duration::from_secs(30));
+    with.terminate_within(Duration::from_secs(30));
+    without.terminate_within(Duration::from_secs(30));
     for f in [&with, &without] {
         let problems = f.problems();
         if !problems.is_empty() {

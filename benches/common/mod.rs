@@ -1,6 +1,9 @@
-//! Helpers shared by the benchmarks: the sample reading, child processes that are always
-//! reaped, `/proc` sampling and the machine header. The broker, free ports and the counting
-//! subscriber are the integration tests' own (`tests/common`, included as [`harness`]).
+//! Helpers shared by the benchmarks: the sample reading, `/proc` sampling, the machine header,
+//! and a registry that kills every child process if the bench is interrupted. The agent, the
+//! broker, free ports, the counting subscriber and the process helpers are the integration
+//! tests' own (`tests/common`, included as [`harness`]): [`ferry`] and [`broker`] only register
+//! what they start, and [`ChildGuard`] (for the baselines' own processes) uses the harness's
+//! signal, wait and kill.
 //!
 //! Every figure a benchmark prints is a ratio against a baseline measured in the same run: the
 //! machine is shared and noisy, so absolute numbers only make sense next to their baseline.
@@ -18,6 +21,7 @@ pub mod harness;
 // Like the helpers below, each benchmark uses a different subset of these.
 #[allow(unused_imports)]
 pub use harness::{
+    agent::Agent,
     broker::Broker,
     counter::{Count, Counter, complete},
     ports::free_port,
@@ -25,12 +29,11 @@ pub use harness::{
 
 use ferry::record::{Body, Reading, Value};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Base sample time of generated readings (2026-11-25, ms since the epoch).
 const BASE_TS_MS: u64 = 1_795_600_000_000;
@@ -183,9 +186,7 @@ fn live_children() -> &'static Mutex<HashSet<u32>> {
                         .map(|s| s.iter().copied().collect())
                         .unwrap_or_default();
                     for pid in &pids {
-                        let _ = Command::new("kill")
-                            .args(["-KILL", &pid.to_string()])
-                            .status();
+                        harness::send_signal(*pid, "KILL");
                     }
                     let dirs: Vec<PathBuf> =
                         live_dirs().lock().map(|d| d.clone()).unwrap_or_default();
@@ -238,28 +239,20 @@ impl ChildGuard {
         if self.exited() {
             return;
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if self.exited() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        harness::send_signal(self.child.id(), "TERM");
+        if harness::wait_for_exit(&mut self.child, grace).is_none() {
+            eprintln!(
+                "{} (pid {}) ignored SIGTERM for {grace:?}; killing it",
+                self.name,
+                self.child.id()
+            );
         }
-        eprintln!(
-            "{} (pid {}) ignored SIGTERM for {grace:?}; killing it",
-            self.name,
-            self.child.id()
-        );
     }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        harness::kill_and_reap(&mut self.child);
         live_children()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -356,7 +349,7 @@ impl Drop for RssSampler {
 pub fn ferry_bin() -> PathBuf {
     let p = std::env::var_os("FERRY_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")));
+        .unwrap_or_else(|| PathBuf::from(harness::agent::ferry_bin()));
     assert!(
         p.is_file(),
         "ferry binary {} not found: run `cargo build --release` or set FERRY_BIN",
@@ -365,76 +358,16 @@ pub fn ferry_bin() -> PathBuf {
     p
 }
 
-/// A running `ferry run --config FILE`; its stderr (the log) is read by a thread that stamps
-/// each line with the moment it arrived, so phases can be timed from the log.
-pub struct Ferry {
-    pub guard: ChildGuard,
-    pub started: Instant,
-    log: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-impl Ferry {
-    pub fn spawn(bin: &Path, config: &Path) -> Ferry {
-        let mut cmd = Command::new(bin);
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let started = Instant::now();
-        let mut guard = ChildGuard::spawn("ferry", &mut cmd).expect("cannot start ferry");
-        let stderr = guard.child_mut().stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((Instant::now(), line));
-            }
-        });
-        Ferry {
-            guard,
-            started,
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.guard.id()
-    }
-
-    /// When the first log line containing `needle` arrived.
-    pub fn logged(&self, needle: &str) -> Option<Instant> {
-        self.log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(_, l)| l.contains(needle))
-            .map(|(t, _)| *t)
-    }
-
-    pub fn log_text(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(_, l)| format!("{l}\n"))
-            .collect()
-    }
-
-    /// Log lines at WARN or ERROR.
-    pub fn problems(&self) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, l)| l.contains(" WARN ") || l.contains(" ERROR "))
-            .map(|(_, l)| l.clone())
-            .collect()
-    }
+/// A running `ferry run --config CONFIG` of `bin`: the integration tests' agent, with its log
+/// lines stamped as they arrive ([`Agent::logged`]), killed on drop; the signal thread kills
+/// it too if the bench is interrupted.
+pub fn ferry(bin: &Path, config: &Path) -> Agent {
+    let agent = Agent::start_timed(bin, config);
+    live_children()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(agent.pid());
+    agent
 }
 
 // ---------------------------------------------------------------------------------------------

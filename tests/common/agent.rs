@@ -4,12 +4,18 @@
 //! start in the same directory (after a crash and a restart, for example). `RUST_LOG` and
 //! `NOTIFY_SOCKET` from the test runner's environment are not passed on; set them with
 //! [`Agent::spawn_with_env`].
+//!
+//! The benchmarks run the same agent with [`Agent::start_timed`]: a given binary (e.g. a
+//! release build) on a config file they wrote, with every log line stamped with the moment it
+//! arrived, so phases (spool opened, connected) can be timed from the log.
 
 use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{kill_and_reap, read_log, send_signal, wait_for_exit};
 
@@ -23,11 +29,19 @@ pub fn ferry_bin() -> &'static str {
 }
 
 pub struct Agent {
+    bin: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// When the current process was started.
+    started: Instant,
+    /// With [`Agent::start_timed`]: every log line, across restarts, with the moment it arrived.
+    stamps: Option<Arc<Stamped>>,
 }
+
+/// Log lines with the moment each arrived.
+type Stamped = Mutex<Vec<(Instant, String)>>;
 
 impl Agent {
     /// Writes `dir/ferry.yaml` and runs `ferry run --config dir/ferry.yaml`.
@@ -41,6 +55,7 @@ impl Agent {
         std::fs::write(&config_path, config_yaml)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
         let mut agent = Agent {
+            bin: PathBuf::from(ferry_bin()),
             config_path,
             log_path: dir.join("ferry.log"),
             env: env
@@ -48,6 +63,25 @@ impl Agent {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             child: None,
+            started: Instant::now(),
+            stamps: None,
+        };
+        agent.start_again();
+        agent
+    }
+
+    /// Runs `bin run --config CONFIG_PATH` on a config file that is already written, logging to
+    /// the same path with the extension `.log`. Its stderr (the log) is read by a thread that
+    /// stamps each line as it arrives ([`Agent::logged`]) and appends it to the log file.
+    pub fn start_timed(bin: &Path, config_path: &Path) -> Agent {
+        let mut agent = Agent {
+            bin: bin.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+            log_path: config_path.with_extension("log"),
+            env: Vec::new(),
+            child: None,
+            started: Instant::now(),
+            stamps: Some(Arc::default()),
         };
         agent.start_again();
         agent
@@ -65,18 +99,28 @@ impl Agent {
             .append(true)
             .open(&self.log_path)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
-        let child = Command::new(ferry_bin())
-            .arg("run")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
             .arg("--config")
             .arg(&self.config_path)
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone a file handle"))
-            .stderr(log)
+            .stdout(log.try_clone().expect("clone a file handle"));
+        match &self.stamps {
+            Some(_) => cmd.stderr(Stdio::piped()),
+            None => cmd.stderr(log.try_clone().expect("clone a file handle")),
+        };
+        self.started = Instant::now();
+        let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", ferry_bin()));
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        if let Some(stamps) = &self.stamps {
+            let stderr = child.stderr.take().expect("stderr is piped");
+            let sink = stamps.clone();
+            std::thread::spawn(move || stamp_lines(stderr, log, &sink));
+        }
         self.child = Some(child);
     }
 
@@ -136,6 +180,18 @@ impl Agent {
 
     /// SIGTERM, then wait up to 20 s for the agent to exit. Panics with the log if it does not.
     pub fn terminate(&mut self) -> ExitStatus {
+        match self.terminate_within(TERMINATE_TIMEOUT) {
+            Some(status) => status,
+            None => panic!(
+                "ferry did not exit within {TERMINATE_TIMEOUT:?} of SIGTERM (SIGKILLed it); log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    /// SIGTERM, then wait up to `grace` for the agent to exit; if it does not, SIGKILL it and
+    /// return `None`.
+    pub fn terminate_within(&mut self, grace: Duration) -> Option<ExitStatus> {
         let mut child = self
             .child
             .take()
@@ -143,16 +199,11 @@ impl Agent {
         if child.try_wait().expect("try_wait on ferry").is_none() {
             send_signal(child.id(), "TERM");
         }
-        match wait_for_exit(&mut child, TERMINATE_TIMEOUT) {
-            Some(status) => status,
-            None => {
-                kill_and_reap(&mut child);
-                panic!(
-                    "ferry did not exit within {TERMINATE_TIMEOUT:?} of SIGTERM (SIGKILLed it); log:\n{}",
-                    self.log()
-                );
-            }
+        let status = wait_for_exit(&mut child, grace);
+        if status.is_none() {
+            kill_and_reap(&mut child);
         }
+        status
     }
 
     /// SIGHUP (reload the config). Panics if the agent is not running.
@@ -164,9 +215,44 @@ impl Agent {
         assert!(send_signal(self.pid(), "HUP"), "cannot SIGHUP ferry");
     }
 
-    /// Everything the agent has written to stdout and stderr so far, across restarts.
+    /// Everything the agent has written to stdout and stderr so far, across restarts (with
+    /// [`Agent::start_timed`]: its stderr, as the stamping thread has read it).
     pub fn log(&self) -> String {
-        read_log(&self.log_path)
+        match &self.stamps {
+            Some(stamps) => stamps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(_, l)| format!("{l}\n"))
+                .collect(),
+            None => read_log(&self.log_path),
+        }
+    }
+
+    /// Log lines at WARN or ERROR.
+    pub fn problems(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// When the current process was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// When the first log line containing `needle` arrived. Only for [`Agent::start_timed`].
+    pub fn logged(&self, needle: &str) -> Option<Instant> {
+        self.stamps
+            .as_ref()
+            .expect("logged() needs an agent started with start_timed()")
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
     }
 
     /// Waits until the log contains `needle`.
@@ -186,6 +272,19 @@ impl Agent {
             }
             tokio::time::sleep(LOG_POLL).await;
         }
+    }
+}
+
+/// Reads the agent's stderr line by line: stamps each line with the moment it arrived and
+/// appends it to the log file.
+fn stamp_lines(stderr: std::process::ChildStderr, mut log: std::fs::File, sink: &Stamped) {
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        let at = Instant::now();
+        let _ = writeln!(log, "{line}");
+        sink.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((at, line));
     }
 }
 
@@ -374,7 +473,6 @@ fn quote_path(p: &Path) -> String {
 }
 
 fn write_secret(path: &Path, secret: &str) {
-    use std::io::Write as _;
     let mut f = OpenOptions::new()
         .create(true)
         .write(true)

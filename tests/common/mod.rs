@@ -12,7 +12,8 @@
 //!   understands ferry's data and status messages.
 //! - [`counter`]: a subscriber that only counts distinct seqs, for drains too large to keep
 //!   (the benchmarks include this harness too).
-//! - [`agent`]: the real `ferry` binary as a child process, and its config builder.
+//! - [`agent`]: the real `ferry` binary as a child process, and its config builder (the
+//!   benchmarks run it too, with its log lines timed).
 //! - [`drain`]: the end of a fault test: stop the agent, drain its spool, tally accepted seqs
 //!   against received ones.
 //! - [`modbus`]: a real Modbus device (pymodbus's server from a venv) over TCP or a pty.
