@@ -4,7 +4,7 @@
 //! docs/COLLECTORS.md runs against it too.
 //!
 //! Size: 20 clients x 1500 lines in batches of 50 (the issue's 100k lines per client is a
-//! soak: `LISTEN_LINES_PER_CLIENT=100000 cargo nextest run --run-ignored all -E
+//! soak: `LISTEN_LINES_PER_CLIENT=100000 cargo nextest run --profile soak --run-ignored all -E
 //! 'test(listen_soak)'`).
 
 mod common;
@@ -126,10 +126,19 @@ async fn kill_in_the_middle(lines: u64) {
         .enumerate()
         .flat_map(|(c, k)| (0..*k).map(move |n| (c as u64, n)))
         .collect();
+    // The soak's 2M lines take longer than WAIT to drain: 60 s plus 1 s per 10k lines.
+    let drain_wait = WAIT + Duration::from_millis(CLIENTS * lines / 10);
     let ok = sub
-        .wait_until(WAIT, |s| delivered(s).is_superset(&expected))
+        .wait_until(drain_wait, |s| delivered(s).is_superset(&expected))
         .await;
     let got = delivered(&sub);
+    eprintln!(
+        "listen: {} clients x {lines} lines, {sum} confirmed before the SIGKILL, {} distinct \
+         delivered, {} confirmed missing",
+        CLIENTS,
+        got.len(),
+        expected.difference(&got).count()
+    );
     let missing: Vec<_> = expected.difference(&got).take(10).collect();
     assert!(
         ok,
