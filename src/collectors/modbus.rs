@@ -129,6 +129,18 @@ pub struct RtuConfig {
     pub stop_bits: u8,
 }
 
+impl RtuConfig {
+    fn port(&self) -> super::serial::PortSettings<'_> {
+        super::serial::PortSettings {
+            path: &self.path,
+            baud: self.baud,
+            data_bits: self.data_bits,
+            parity: self.parity,
+            stop_bits: self.stop_bits,
+        }
+    }
+}
+
 /// One entry of the register map.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,33 +234,7 @@ impl ModbusConfig {
             }
         }
         if let Some(rtu) = &self.rtu {
-            if !rtu.path.starts_with('/') {
-                issues.push(Issue::new(
-                    "rtu.path",
-                    format!(
-                        "must be an absolute device path such as /dev/ttyUSB0, got {:?}",
-                        rtu.path
-                    ),
-                ));
-            }
-            if !(50..=4_000_000).contains(&rtu.baud) {
-                issues.push(Issue::new(
-                    "rtu.baud",
-                    format!("must be between 50 and 4000000, got {}", rtu.baud),
-                ));
-            }
-            if !(5..=8).contains(&rtu.data_bits) {
-                issues.push(Issue::new(
-                    "rtu.data_bits",
-                    format!("must be 5, 6, 7 or 8, got {}", rtu.data_bits),
-                ));
-            }
-            if !(1..=2).contains(&rtu.stop_bits) {
-                issues.push(Issue::new(
-                    "rtu.stop_bits",
-                    format!("must be 1 or 2, got {}", rtu.stop_bits),
-                ));
-            }
+            issues.extend(rtu.port().issues("rtu."));
         }
     }
 
@@ -490,7 +476,7 @@ async fn open(config: &ModbusConfig) -> Result<Context, LinkError> {
         ));
     }
     let rtu = config.rtu.as_ref().expect("validated: tcp or rtu is set");
-    let port = open_serial(rtu)?;
+    let port = rtu.port().open()?;
     // Bytes that arrived while the port was closed (a late answer to a request that timed
     // out) must not be read as the answer to the next request.
     if let Err(e) = tokio_serial::SerialPort::clear(&port, tokio_serial::ClearBuffer::Input) {
@@ -501,29 +487,6 @@ async fn open(config: &ModbusConfig) -> Result<Context, LinkError> {
         port,
         Slave(config.unit),
     ))
-}
-
-fn open_serial(rtu: &RtuConfig) -> Result<tokio_serial::SerialStream, super::serial::SerialError> {
-    use tokio_serial::SerialPortBuilderExt;
-    tokio_serial::new(&rtu.path, rtu.baud)
-        .data_bits(match rtu.data_bits {
-            5 => tokio_serial::DataBits::Five,
-            6 => tokio_serial::DataBits::Six,
-            7 => tokio_serial::DataBits::Seven,
-            _ => tokio_serial::DataBits::Eight,
-        })
-        .parity(match rtu.parity {
-            Parity::None => tokio_serial::Parity::None,
-            Parity::Odd => tokio_serial::Parity::Odd,
-            Parity::Even => tokio_serial::Parity::Even,
-        })
-        .stop_bits(match rtu.stop_bits {
-            2 => tokio_serial::StopBits::Two,
-            _ => tokio_serial::StopBits::One,
-        })
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
-        .map_err(|e| super::serial::open_error(&rtu.path, e))
 }
 
 async fn run(config: ModbusConfig, ctx: CollectorContext) -> Result<(), CollectorError> {

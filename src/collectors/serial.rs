@@ -93,6 +93,85 @@ pub struct SerialConfig {
     pub deadband: Option<super::deadband::DeadbandConfig>,
 }
 
+/// The line settings of a serial port, as the serial collector and Modbus RTU configure them.
+pub struct PortSettings<'a> {
+    pub path: &'a str,
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: u8,
+}
+
+impl PortSettings<'_> {
+    /// What is wrong with these settings; each issue's key is `prefix` plus the field name.
+    pub fn issues(&self, prefix: &str) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        if !self.path.starts_with('/') {
+            issues.push(Issue::new(
+                format!("{prefix}path"),
+                format!(
+                    "must be an absolute device path such as /dev/ttyUSB0, got {:?}",
+                    self.path
+                ),
+            ));
+        }
+        if !(50..=4_000_000).contains(&self.baud) {
+            issues.push(Issue::new(
+                format!("{prefix}baud"),
+                format!("must be between 50 and 4000000, got {}", self.baud),
+            ));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            issues.push(Issue::new(
+                format!("{prefix}data_bits"),
+                format!("must be 5, 6, 7 or 8, got {}", self.data_bits),
+            ));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            issues.push(Issue::new(
+                format!("{prefix}stop_bits"),
+                format!("must be 1 or 2, got {}", self.stop_bits),
+            ));
+        }
+        issues
+    }
+
+    /// Opens the port, 8N1-style settings applied, no flow control.
+    pub fn open(&self) -> Result<tokio_serial::SerialStream, SerialError> {
+        tokio_serial::new(self.path, self.baud)
+            .data_bits(match self.data_bits {
+                5 => tokio_serial::DataBits::Five,
+                6 => tokio_serial::DataBits::Six,
+                7 => tokio_serial::DataBits::Seven,
+                _ => tokio_serial::DataBits::Eight,
+            })
+            .parity(match self.parity {
+                Parity::None => tokio_serial::Parity::None,
+                Parity::Odd => tokio_serial::Parity::Odd,
+                Parity::Even => tokio_serial::Parity::Even,
+            })
+            .stop_bits(match self.stop_bits {
+                2 => tokio_serial::StopBits::Two,
+                _ => tokio_serial::StopBits::One,
+            })
+            .flow_control(tokio_serial::FlowControl::None)
+            .open_native_async()
+            .map_err(|e| open_error(self.path, e))
+    }
+}
+
+impl SerialConfig {
+    fn port(&self) -> PortSettings<'_> {
+        PortSettings {
+            path: &self.path,
+            baud: self.baud,
+            data_bits: self.data_bits,
+            parity: self.parity,
+            stop_bits: self.stop_bits,
+        }
+    }
+}
+
 /// The delimiter byte of a valid config value.
 fn delimiter_byte(d: &str) -> Option<u8> {
     match d.as_bytes() {
@@ -113,33 +192,7 @@ impl CollectorSpec for SerialConfig {
 
     fn validate(&self) -> Vec<Issue> {
         let mut issues = validate_tags(&self.tags);
-        if !self.path.starts_with('/') {
-            issues.push(Issue::new(
-                "path",
-                format!(
-                    "must be an absolute device path such as /dev/ttyUSB0, got {:?}",
-                    self.path
-                ),
-            ));
-        }
-        if !(50..=4_000_000).contains(&self.baud) {
-            issues.push(Issue::new(
-                "baud",
-                format!("must be between 50 and 4000000, got {}", self.baud),
-            ));
-        }
-        if !(5..=8).contains(&self.data_bits) {
-            issues.push(Issue::new(
-                "data_bits",
-                format!("must be 5, 6, 7 or 8, got {}", self.data_bits),
-            ));
-        }
-        if !(1..=2).contains(&self.stop_bits) {
-            issues.push(Issue::new(
-                "stop_bits",
-                format!("must be 1 or 2, got {}", self.stop_bits),
-            ));
-        }
+        issues.extend(self.port().issues(""));
         if delimiter_byte(&self.delimiter).is_none() {
             issues.push(Issue::new(
                 "delimiter",
@@ -239,25 +292,7 @@ async fn run(config: SerialConfig, ctx: CollectorContext) -> Result<(), Collecto
         return Ok(());
     };
     let path = config.path.clone();
-    let mut port = tokio_serial::new(&path, config.baud)
-        .data_bits(match config.data_bits {
-            5 => tokio_serial::DataBits::Five,
-            6 => tokio_serial::DataBits::Six,
-            7 => tokio_serial::DataBits::Seven,
-            _ => tokio_serial::DataBits::Eight,
-        })
-        .parity(match config.parity {
-            Parity::None => tokio_serial::Parity::None,
-            Parity::Odd => tokio_serial::Parity::Odd,
-            Parity::Even => tokio_serial::Parity::Even,
-        })
-        .stop_bits(match config.stop_bits {
-            2 => tokio_serial::StopBits::Two,
-            _ => tokio_serial::StopBits::One,
-        })
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
-        .map_err(|e| open_error(&path, e))?;
+    let mut port = config.port().open()?;
     info!(collector = %ctx.name, path = %path, baud = config.baud, "Serial port opened.");
 
     let mut splitter = LineSplitter::new(delimiter, config.max_line_bytes as usize);
