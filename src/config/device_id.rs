@@ -56,7 +56,7 @@ pub struct DefaultId {
 
 /// The default device id from this machine's host name and identity files.
 pub fn default_device_id() -> DefaultId {
-    let host = crate::config::settings::host_name();
+    let host = host_name();
     derive(
         &host,
         read_identity(MACHINE_ID_FILES).or_else(|| read_identity(SERIAL_FILES)),
@@ -103,6 +103,31 @@ fn derive(host: &str, identity: Option<(String, String)>) -> DefaultId {
                 "host name {host:?} is a stock name and no machine id or board serial was found; set device_id"
             ),
         },
+    }
+}
+
+/// The host name, reduced to characters usable in a topic; "ferry" if it cannot be read.
+fn host_name() -> String {
+    let name = sysinfo::System::host_name()
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let clean: String = name
+        .trim()
+        .chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-') {
+                ch
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "ferry".into()
+    } else {
+        clean
     }
 }
 

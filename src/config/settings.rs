@@ -721,28 +721,3 @@ fn validate_streams(
     }
     out
 }
-
-/// The host name, reduced to characters usable in a topic; "ferry" if it cannot be read.
-pub(super) fn host_name() -> String {
-    let name = sysinfo::System::host_name()
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .unwrap_or_default();
-    let clean: String = name
-        .trim()
-        .chars()
-        .map(|ch| {
-            if ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-') {
-                ch
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if clean.is_empty() {
-        "ferry".into()
-    } else {
-        clean
-    }
-}
