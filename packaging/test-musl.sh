@@ -86,7 +86,7 @@ section "Tools"
 apt_install_missing debootstrap qemu-user-static binutils
 echo "tools ready in $((SECONDS - section_start))s"
 
-version="ferry $(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)"
+version="ferry $(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | sed -n 1p)"
 bad_config=$tmp/bad.yaml
 printf 'device_id: [unclosed\n' >"$bad_config"
 
@@ -175,7 +175,7 @@ for suite in "${SUITES[@]}"; do
         echo "debootstrap $suite in $((SECONDS - section_start))s"
     fi
     chroot_mount "$dir"
-    glibc=$(chroot "$dir" ldd --version | head -n1 | grep -o '[0-9.]*$')
+    glibc=$(chroot "$dir" ldd --version | sed -n 1p | grep -o '[0-9.]*$')
     echo "$suite: $(cat "$dir/etc/debian_version"), glibc $glibc"
     if chroot "$dir" dpkg-query -W -f='${Status}' ferry 2>/dev/null | grep -qv not-installed; then
         chroot "$dir" dpkg -P ferry >/dev/null
