@@ -4,6 +4,7 @@ mod common;
 
 use common::agent::{Agent, AgentConfig};
 use common::broker::{Broker, BrokerOpts, mosquitto_pub};
+use common::replies::{REPLIES, final_reply, replies};
 use common::subscriber::Subscriber;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -12,7 +13,6 @@ use std::path::Path;
 use std::time::Duration;
 
 const COMMANDS: &str = "ferry/test-gw/commands";
-const REPLIES: &str = "ferry/test-gw/replies";
 
 fn broker() -> Broker {
     Broker::start(BrokerOpts {
@@ -27,33 +27,6 @@ fn send(broker: &Broker, payload: &str) {
         &["-q", "1", "-t", COMMANDS, "-m", payload],
     );
     assert!(out.status.success(), "mosquitto_pub failed: {out:?}");
-}
-
-fn replies(sub: &Subscriber, id: &str) -> Vec<Value> {
-    sub.messages_on(REPLIES)
-        .into_iter()
-        .filter_map(|m| m.json)
-        .filter(|j| j["id"] == id)
-        .collect()
-}
-
-/// Waits for a final (ok or error) reply to `id`.
-async fn final_reply(sub: &Subscriber, agent: &Agent, id: &str, timeout: Duration) -> Value {
-    let done = |s: &Subscriber| {
-        replies(s, id)
-            .into_iter()
-            .find(|r| r["status"] == "ok" || r["status"] == "error")
-    };
-    assert!(
-        sub.wait_until(timeout, |s| done(s).is_some()).await,
-        "no final reply to {id}; replies: {:?}\nlog:\n{}",
-        sub.messages_on(REPLIES)
-            .iter()
-            .map(|m| m.text())
-            .collect::<Vec<_>>(),
-        agent.log()
-    );
-    done(sub).unwrap()
 }
 
 /// A config with extra top-level YAML appended.

@@ -8,6 +8,7 @@ mod common;
 use common::agent::{Agent, AgentConfig};
 use common::broker::{Broker, BrokerOpts, mosquitto_pub};
 use common::drain::stop_and_drain;
+use common::replies::{final_reply, replies};
 use common::subscriber::{Subscriber, assert_contiguous};
 use serde_json::Value;
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 const COMMANDS: &str = "ferry/test-gw/commands";
-const REPLIES: &str = "ferry/test-gw/replies";
 /// Behaviour timeouts: each is 10x or more what the step takes here.
 const WAIT: Duration = Duration::from_secs(30);
 const DRAIN: Duration = Duration::from_secs(60);
@@ -34,33 +34,6 @@ fn send_command(port: u16, payload: &str, extra: &[&str]) {
     args.extend_from_slice(extra);
     let out = mosquitto_pub(port, &args);
     assert!(out.status.success(), "mosquitto_pub failed: {out:?}");
-}
-
-fn replies(sub: &Subscriber, id: &str) -> Vec<Value> {
-    sub.messages_on(REPLIES)
-        .into_iter()
-        .filter_map(|m| m.json)
-        .filter(|j| j["id"] == id)
-        .collect()
-}
-
-/// Waits for the final (ok or error) reply to `id`.
-async fn final_reply(sub: &Subscriber, agent: &Agent, id: &str) -> Value {
-    let done = |s: &Subscriber| {
-        replies(s, id)
-            .into_iter()
-            .find(|r| r["status"] == "ok" || r["status"] == "error")
-    };
-    assert!(
-        sub.wait_until(WAIT, |s| done(s).is_some()).await,
-        "no final reply to {id}; replies: {:?}\nlog:\n{}",
-        sub.messages_on(REPLIES)
-            .iter()
-            .map(|m| m.text())
-            .collect::<Vec<_>>(),
-        agent.log()
-    );
-    done(sub).unwrap()
 }
 
 async fn status_until(agent: &Agent, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
@@ -97,7 +70,7 @@ async fn both_versions_carry_data_commands_and_replies_and_keep_the_session() {
             agent.log()
         );
         send_command(broker.plain_port(), r#"{"id":"v-ping","name":"ping"}"#, &[]);
-        let r = final_reply(&sub, &agent, "v-ping").await;
+        let r = final_reply(&sub, &agent, "v-ping", WAIT).await;
         assert_eq!(r["status"], "ok", "MQTT {version}: {r}");
         let status = agent.status_json().await;
         assert_eq!(status["connection"]["mqtt_version"], version, "{status}");
@@ -119,7 +92,7 @@ async fn both_versions_carry_data_commands_and_replies_and_keep_the_session() {
             &[],
         );
         agent.start_again();
-        let r = final_reply(&sub, &agent, "v-offline").await;
+        let r = final_reply(&sub, &agent, "v-offline", WAIT).await;
         assert_eq!(r["status"], "ok", "MQTT {version}: {r}");
 
         let drained = stop_and_drain(&mut agent, &cfg, &sub, &["system".into()], DRAIN).await;
@@ -160,7 +133,7 @@ async fn mqtt5_maximum_packet_size_keeps_a_big_command_off_the_link() {
     );
     assert!(out.status.success(), "{out:?}");
     send_command(broker.plain_port(), r#"{"id":"small","name":"ping"}"#, &[]);
-    let r = final_reply(&sub, &agent, "small").await;
+    let r = final_reply(&sub, &agent, "small", WAIT).await;
     assert_eq!(r["status"], "ok", "{r}");
     assert!(
         replies(&sub, "big").is_empty(),
@@ -412,7 +385,7 @@ async fn a_broker_that_refuses_mqtt5_gets_3_1_1_with_a_warning() {
         r#"{"id":"fb-ping","name":"ping"}"#,
         &[],
     );
-    let r = final_reply(&sub, &agent, "fb-ping").await;
+    let r = final_reply(&sub, &agent, "fb-ping", WAIT).await;
     assert_eq!(r["status"], "ok", "{r}");
     let status = agent.status_json().await;
     assert_eq!(
@@ -477,18 +450,24 @@ async fn mqtt5_message_expiry_counts_like_expires_at() {
         &lasting,
     );
 
-    assert_eq!(final_reply(&sub, &agent, "slow").await["status"], "ok");
-    let short = final_reply(&sub, &agent, "short").await;
+    assert_eq!(
+        final_reply(&sub, &agent, "slow", WAIT).await["status"],
+        "ok"
+    );
+    let short = final_reply(&sub, &agent, "short", WAIT).await;
     assert_eq!(short["status"], "error", "{short}");
     assert_eq!(short["error"], "expired", "{short}");
-    assert_eq!(final_reply(&sub, &agent, "long").await["status"], "ok");
+    assert_eq!(
+        final_reply(&sub, &agent, "long", WAIT).await["status"],
+        "ok"
+    );
     // The same reply as an expired `expires_at`.
     send_command(
         broker.plain_port(),
         r#"{"id":"old","name":"ping","expires_at":1}"#,
         &[],
     );
-    let old = final_reply(&sub, &agent, "old").await;
+    let old = final_reply(&sub, &agent, "old", WAIT).await;
     assert_eq!(
         (&old["status"], &old["error"]),
         (&short["status"], &short["error"])

@@ -8,6 +8,7 @@
 //! - [`pki`]: a throwaway CA, server and client certificates made with the `openssl` CLI.
 //! - [`broker`]: a real Mosquitto child process with a plain listener for test clients and an
 //!   optional TLS / mTLS / password listener for the agent.
+//! - [`replies`]: command replies to one id, and waiting for the final one.
 //! - [`subscriber`]: an MQTT test client (rumqttc) that records everything it receives and
 //!   understands ferry's data and status messages.
 //! - [`counter`]: a subscriber that only counts distinct seqs, for drains too large to keep
@@ -36,6 +37,7 @@ pub mod pki;
 pub mod ports;
 pub mod proxy;
 pub mod pty;
+pub mod replies;
 pub mod subscriber;
 
 use std::process::{Child, Command, ExitStatus, Stdio};
